@@ -1,0 +1,52 @@
+# ByteLeap agents: the two README commands (`make demo`, `make test`) set themselves up from nothing.
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+
+.PHONY: help setup test lint typecheck unit demo bench clean distclean
+
+help:
+	@echo "make demo   - one local challenge round trip (prove + verify), figures printed"
+	@echo "make test   - ruff, mypy and the whole pytest suite"
+	@echo "make bench  - benchmarks under tests/perf, JSON written to build/bench.json"
+
+# System packages come from bin/dev-deps (idempotent; a no-op when all are present).
+$(STAMP): pyproject.toml bin/dev-deps
+	bin/dev-deps
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade "pip>=24"
+	$(PY) -m pip install --quiet -e '.[dev]'
+	touch $@
+
+setup: $(STAMP)
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check agents tests bin
+	$(VENV)/bin/ruff format --check agents tests bin
+
+typecheck: $(STAMP)
+	$(VENV)/bin/mypy
+
+unit: $(STAMP)
+	$(VENV)/bin/pytest tests/unit -q
+
+test: lint typecheck
+	$(VENV)/bin/pytest -q
+
+demo: $(STAMP)
+	$(VENV)/bin/byteleapctl challenge demo
+
+bench: $(STAMP)
+	@mkdir -p build
+	$(PY) -m tests.perf.run --out build/bench.json
+
+clean:
+	rm -rf build .pytest_cache .mypy_cache .ruff_cache .hypothesis
+	find agents tests -name __pycache__ -type d -prune -exec rm -rf {} +
+
+distclean: clean
+	rm -rf $(VENV)

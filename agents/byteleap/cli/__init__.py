@@ -1,0 +1,1 @@
+"""byteleapctl: the operator's command line."""
