@@ -1,0 +1,29 @@
+"""byteleapctl: the operator's command line.
+
+Agents add their own command groups (status, workers, scores, keys, db, devnet) as they land.
+"""
+
+from __future__ import annotations
+
+import typer
+
+from .. import __version__
+from .challenge import app as challenge_app
+
+app = typer.Typer(
+    name="byteleapctl",
+    help="Operate ByteLeap agents: worker, miner, validator, gateway.",
+    no_args_is_help=True,
+    add_completion=False,
+)
+app.add_typer(challenge_app, name="challenge")
+
+
+@app.command()
+def version() -> None:
+    """Print the installed version."""
+    typer.echo(f"byteleap {__version__}")
+
+
+def main() -> None:
+    app()
