@@ -22,8 +22,7 @@ from typing import Any
 import numpy as np
 
 from byteleap.core import merkle
-from byteleap.core.challenge import ChallengeSpec, draw_sample, prove, verify
-from byteleap.core.challenge import prf
+from byteleap.core.challenge import ChallengeSpec, draw_sample, prf, prove, verify
 from byteleap.core.challenge.prover import cpu_threads
 
 
@@ -124,7 +123,12 @@ def bench_verifier(sizes: list[int], k: int, m: int, repeats: int) -> list[dict[
         verdict = verify(spec, root, sample, revealed)
         if not verdict.ok:
             raise RuntimeError(f"benchmark commitment failed to verify: {verdict}")
-        t = _median_time(lambda: verify(spec, root, sample, revealed), repeats)
+        t = _median_time(
+            lambda spec=spec, root=root, sample=sample, revealed=revealed: verify(
+                spec, root, sample, revealed
+            ),
+            repeats,
+        )
         out.append({"n": n, "k": k, "m": m, "verify_s": t})
         print(f"verifier n={n} k={k} m={m}: {t * 1e3:.2f} ms", file=sys.stderr)
     return out

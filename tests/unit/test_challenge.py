@@ -16,14 +16,17 @@ from byteleap.core.challenge import (
     ProvenChallenge,
     RevealSample,
     draw_sample,
+    prf,
     prove,
+    verifier,
     verify,
 )
-from byteleap.core.challenge import prf, verifier
 from byteleap.core.challenge.prover import NumpyBackend, RevealedRow, _HostMatrix
 
 
-def make_spec(n: int, *, tag: str = "c0", device: str = "GPU-aaaa", worker: str = "w" * 32) -> ChallengeSpec:
+def make_spec(
+    n: int, *, tag: str = "c0", device: str = "GPU-aaaa", worker: str = "w" * 32
+) -> ChallengeSpec:
     digest = hashlib.sha256(tag.encode()).digest()
     return ChallengeSpec(
         challenge_id=digest[:16],

@@ -7,8 +7,7 @@ import random
 import numpy as np
 import pytest
 
-from byteleap.core.challenge import draw_sample, prove, verify
-from byteleap.core.challenge import cupy_backend, prf
+from byteleap.core.challenge import cupy_backend, draw_sample, prf, prove, verify
 
 from .test_challenge import make_spec, revealed
 

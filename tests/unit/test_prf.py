@@ -29,14 +29,18 @@ def test_philox_known_answer() -> None:
 def test_numpy_stream_matches_reference(key: bytes, stream: int, block: int) -> None:
     got = prf.raw_bytes(key, stream, block * 32, 64).view(np.uint8).tobytes()
     want = b"".join(
-        w.to_bytes(8, "little") for b in (block, block + 1) for w in prf.philox_block(key, stream, b)
+        w.to_bytes(8, "little")
+        for b in (block, block + 1)
+        for w in prf.philox_block(key, stream, b)
     )
     assert got == want
 
 
 @settings(max_examples=25, deadline=None)
 @given(KEYS, st.sampled_from([64, 128, 192, 320]), st.integers(0, 1), st.data())
-def test_any_slice_equals_the_full_matrix(key: bytes, n: int, stream: int, data: st.DataObject) -> None:
+def test_any_slice_equals_the_full_matrix(
+    key: bytes, n: int, stream: int, data: st.DataObject
+) -> None:
     bits = spec.value_bits(n)
     full = prf.matrix(key, stream, n, bits, dtype=np.int8)
     start = data.draw(st.integers(0, n - 1))

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-
 import random
 import secrets
 import time
@@ -113,7 +112,7 @@ def demo(
         cheat = _skipping_prover(prove(spec), cheater_skip)
         caught = 0
         trials = 20
-        rng = random.Random()
+        rng = random.SystemRandom()
         for _ in range(trials):
             s = draw_sample(n, k, m, rng)
             got = {r.index: (r.values, r.path) for r in cheat.reveal(s.rows)}

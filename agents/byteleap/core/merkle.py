@@ -157,7 +157,9 @@ class MerkleTree:
             raise MerkleError(f"leaf index {index} outside a tree of {self.leaf_count} leaves")
 
 
-def root_from_proof(leaf: bytes, index: int, leaf_count: int, path: Sequence[bytes]) -> bytes | None:
+def root_from_proof(
+    leaf: bytes, index: int, leaf_count: int, path: Sequence[bytes]
+) -> bytes | None:
     """Fold a proof up to a root, or None if the proof is malformed for this index and size."""
     if len(leaf) != HASH_SIZE:
         return None

@@ -113,7 +113,7 @@ def is_available() -> bool:
     try:
         cp = _cupy()
         return int(cp.cuda.runtime.getDeviceCount()) > 0
-    except Exception:  # noqa: BLE001 - any import or driver failure means "no GPU prover"
+    except Exception:
         return False
 
 
@@ -157,8 +157,16 @@ class CupyBackend:
         grid = ((nblocks + _THREADS_PER_BLOCK - 1) // _THREADS_PER_BLOCK,)
         block = (_THREADS_PER_BLOCK,)
         u64 = np.uint64
-        common = (u64(k0), u64(k1), u64(stream), u64(c2), u64(c3), u64(first_block), u64(nblocks),
-                  np.int32(shift))
+        common = (
+            u64(k0),
+            u64(k1),
+            u64(stream),
+            u64(c2),
+            u64(c3),
+            u64(first_block),
+            u64(nblocks),
+            np.int32(shift),
+        )
         if spec.precision in ("fp32", "tf32"):
             out = cp.empty((row_count, n), dtype=cp.float32)
             self._fill_f32(grid, block, (*common, out))
@@ -186,19 +194,37 @@ class CupyBackend:
         from cupy_backends.cuda.libs import cublas
 
         n = spec.n
-        in_type = {"fp32": _CUDA_R_32F, "tf32": _CUDA_R_32F, "bf16": _CUDA_R_16BF,
-                   "fp16": _CUDA_R_16F}[spec.precision]
+        in_type = {
+            "fp32": _CUDA_R_32F,
+            "tf32": _CUDA_R_32F,
+            "bf16": _CUDA_R_16BF,
+            "fp16": _CUDA_R_16F,
+        }[spec.precision]
         compute = _CUBLAS_COMPUTE_32F_FAST_TF32 if spec.precision == "tf32" else _CUBLAS_COMPUTE_32F
         one = np.array(1.0, dtype=np.float32)
         zero = np.array(0.0, dtype=np.float32)
         handle = cp.cuda.device.get_cublas_handle()
         cublas.setPointerMode(handle, cublas.CUBLAS_POINTER_MODE_HOST)
         cublas.gemmEx(
-            handle, _CUBLAS_OP_T, _CUBLAS_OP_N, n, n, n,
-            one.ctypes.data, b_t.data.ptr, in_type, n,
-            a.data.ptr, in_type, n,
-            zero.ctypes.data, c.data.ptr, _CUDA_R_32F, n,
-            compute, _CUBLAS_GEMM_DEFAULT,
+            handle,
+            _CUBLAS_OP_T,
+            _CUBLAS_OP_N,
+            n,
+            n,
+            n,
+            one.ctypes.data,
+            b_t.data.ptr,
+            in_type,
+            n,
+            a.data.ptr,
+            in_type,
+            n,
+            zero.ctypes.data,
+            c.data.ptr,
+            _CUDA_R_32F,
+            n,
+            compute,
+            _CUBLAS_GEMM_DEFAULT,
         )
 
     def _hash_rows(self, spec: ChallengeSpec, c: Any, threads: int) -> MerkleTree:
@@ -211,9 +237,13 @@ class CupyBackend:
             for start in range(0, n, band):
                 host = np.ascontiguousarray(c[start : start + band].get(), dtype="<f4")
                 ids = range(start, start + host.shape[0])
-                leaves.extend(pool.map(
-                    lambda i, h=host, s=start: leaf_hash(spec.challenge_id, i, memoryview(h[i - s])),
-                    ids, chunksize=64))
+                leaves.extend(
+                    pool.map(
+                        lambda i, h=host, s=start: leaf_hash(
+                            spec.challenge_id, i, memoryview(h[i - s])
+                        ),
+                        ids,
+                        chunksize=64,
+                    )
+                )
         return MerkleTree(leaves)
-
-

@@ -44,7 +44,7 @@ _MASK64 = (1 << 64) - 1
 
 
 def key_words(key: bytes) -> tuple[int, int, int, int]:
-    """Split the 32-byte challenge key into (philox key 0, key 1, counter word 2, counter word 3)."""
+    """Split the 32-byte key into (Philox key 0, key 1, counter word 2, counter word 3)."""
     if len(key) != 32:
         raise ChallengeError("challenge key must be 32 bytes")
     w = [int.from_bytes(key[i : i + 8], "little") for i in range(0, 32, 8)]
@@ -65,7 +65,7 @@ class Stream:
         self._state = self._bg.state
 
     def read(self, first_element: int, count: int) -> npt.NDArray[np.int8]:
-        """``count`` bytes from element ``first_element`` on, as signed bytes (not yet shifted)."""
+        """``count`` bytes from element ``first_element`` on, as signed bytes (unshifted)."""
         if first_element % BLOCK_BYTES or count % BLOCK_BYTES or first_element < 0:
             raise ChallengeError("PRF reads must be aligned to 32-byte blocks")
         self._counter[0] = first_element // BLOCK_BYTES
@@ -77,7 +77,7 @@ class Stream:
 
 
 def raw_bytes(key: bytes, stream: int, first_element: int, count: int) -> npt.NDArray[np.int8]:
-    """``count`` stream bytes from element ``first_element`` on, as signed bytes (not yet shifted)."""
+    """``count`` stream bytes from element ``first_element`` on, as signed bytes (unshifted)."""
     return Stream(key, stream).read(first_element, count)
 
 
@@ -101,11 +101,18 @@ def rows(
 
 def row(key: bytes | Stream, stream: int, n: int, bits: int, index: int) -> npt.NDArray[np.int8]:
     """One row; identical to the same row of the full matrix."""
-    return rows(key, stream, n, bits, index, 1)[0]
+    one: npt.NDArray[np.int8] = rows(key, stream, n, bits, index, 1)[0]
+    return one
 
 
 def matrix(
-    key: bytes, stream: int, n: int, bits: int, *, dtype: npt.DTypeLike = np.float32, threads: int = 1
+    key: bytes,
+    stream: int,
+    n: int,
+    bits: int,
+    *,
+    dtype: npt.DTypeLike = np.float32,
+    threads: int = 1,
 ) -> npt.NDArray[np.generic]:
     """The full n x n matrix of a stream, converted to ``dtype``.
 

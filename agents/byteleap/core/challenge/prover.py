@@ -57,7 +57,8 @@ class _HostMatrix:
     def row_bytes(self, index: int) -> bytes:
         if self._c is None:
             raise ChallengeError("challenge result was already released")
-        return self._c[index].astype("<f4", copy=False).tobytes()
+        data: bytes = self._c[index].astype("<f4", copy=False).tobytes()
+        return data
 
     def release(self) -> None:
         self._c = None

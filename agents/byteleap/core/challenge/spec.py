@@ -1,15 +1,16 @@
 """What a challenge is: the parameters a validator sends and everything derived from them.
 
 Values are small integers, by design. Every entry of A and B is an integer ``x`` with
-``-2**b <= x < 2**b``, where ``b = value_bits(n)`` is the largest ``b <= 7`` with ``n * 4**b <= 2**24``.
+``-2**b <= x < 2**b``, where ``b = value_bits(n)`` is the largest ``b <= 7`` with
+``n * 4**b <= 2**24``.
 Then, for any summation order:
 
 * every input is exactly representable in fp32, tf32 (11-bit significand), bf16 (8) and fp16 (11),
   because ``|x| <= 2**7``;
 * every product is an integer with ``|a*b| <= 4**b`` and every partial sum of any subset is an
   integer with ``|s| <= n * 4**b <= 2**24``;
-* every integer of magnitude ``<= 2**24`` is exactly representable in fp32's 24-bit significand, so no
-  rounding step of an fp32-accumulating GEMM (round-to-nearest, truncation, FMA, tensor-core
+* every integer of magnitude ``<= 2**24`` is exactly representable in fp32's 24-bit significand,
+  so no rounding step of an fp32-accumulating GEMM (round-to-nearest, truncation, FMA, tensor-core
   accumulation, split-K) can change a value.
 
 So an honest device produces the exact product bit for bit, whichever precision it multiplies in,
@@ -99,7 +100,8 @@ def value_bits(n: int) -> int:
 
 def magnitude_bound(n: int) -> int:
     """Largest possible |C[i, j]|: n * 4**b (reached only if every product is (-2**b)**2)."""
-    return n * 4 ** value_bits(n)
+    bound: int = n << (2 * value_bits(n))
+    return bound
 
 
 def derive_key(seed: bytes, miner_hotkey: str, worker_id: str, device_uuid: str) -> bytes:
