@@ -1,0 +1,415 @@
+"""Long-term identities: Ed25519 worker keys and sr25519 Bittensor hotkeys.
+
+Every secure session (see :mod:`byteleap.core.session`) is authenticated by a long-term key:
+
+* a worker owns an Ed25519 key kept in its state directory (:class:`WorkerKey`); its ``worker_id``
+  is derived from the public key alone, so it survives kernel upgrades and NIC swaps and cannot be
+  claimed by anyone who does not hold the private key;
+* miners and validators sign with their sr25519 hotkey (:class:`HotkeySigner`).
+
+sr25519 comes from ``bittensor_core`` (the sp-core binding that ``bittensor.sp_core`` re-exports).
+It is imported lazily: it costs ~8 ms against ~600 ms (and side effects in the home directory) for
+``import bittensor``, and a worker that only ever uses Ed25519 never loads it at all.
+
+Worker key file format: an unencrypted PKCS#8 PEM Ed25519 private key (``-----BEGIN PRIVATE
+KEY-----``), mode 0600, i.e. exactly what ``openssl genpkey -algorithm ed25519`` writes, so
+operators can inspect it with ``openssl pkey -in worker.key -pubout``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import enum
+import hashlib
+import os
+import secrets
+import stat
+from dataclasses import dataclass
+from pathlib import Path
+from types import ModuleType
+from typing import Any, Protocol, runtime_checkable
+
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import (
+    Ed25519PrivateKey,
+    Ed25519PublicKey,
+)
+
+__all__ = [
+    "SS58_FORMAT",
+    "WORKER_ID_DOMAIN",
+    "HotkeySigner",
+    "IdentityError",
+    "IdentityKind",
+    "KeyFileError",
+    "PeerIdentity",
+    "Signer",
+    "WorkerKey",
+    "worker_id_of",
+]
+
+PUBLIC_KEY_BYTES = 32
+SIGNATURE_BYTES = 64
+WORKER_ID_DOMAIN = b"byteleap/worker-id/v1"
+SS58_FORMAT = 42  # generic Substrate prefix, what Bittensor uses for every address
+_SR25519 = 1  # bittensor_core crypto_type for sr25519
+_MAX_KEY_FILE_BYTES = 64 * 1024  # a PEM Ed25519 key is 119 bytes, a bittensor keyfile < 1 KiB
+_PROBE_MESSAGE = b"byteleap/identity/probe"
+
+
+class IdentityError(Exception):
+    """An identity could not be created, loaded or used."""
+
+
+class KeyFileError(IdentityError):
+    """A key file is missing, unreadable, corrupted, encrypted or has unsafe permissions."""
+
+
+class IdentityKind(enum.StrEnum):
+    """Which signature scheme a long-term identity uses."""
+
+    ED25519 = "ed25519"  # worker keys
+    SR25519 = "sr25519"  # Bittensor hotkeys (miners, validators)
+
+
+def _sp_core() -> ModuleType:
+    """Import ``bittensor_core`` on first use (see the module docstring for why it is lazy)."""
+    try:
+        import bittensor_core
+    except ImportError as exc:  # pragma: no cover - it is a hard dependency
+        raise IdentityError("sr25519 support needs the bittensor-core package") from exc
+    module: ModuleType = bittensor_core
+    return module
+
+
+def _all_bytes(*values: object) -> bool:
+    # A runtime guard the type checker considers redundant; network input is not type-checked.
+    return all(isinstance(v, bytes) for v in values)
+
+
+def worker_id_of(public_key: bytes) -> str:
+    """Return the worker id for an Ed25519 public key.
+
+    ``hex(SHA-256(b"byteleap/worker-id/v1" || pub)[:16])``: 32 lowercase hex characters. The domain
+    prefix keeps the id from colliding with any other hash of the same key.
+    """
+    if not isinstance(public_key, bytes) or len(public_key) != PUBLIC_KEY_BYTES:
+        raise ValueError("a worker public key is exactly 32 bytes")
+    return hashlib.sha256(WORKER_ID_DOMAIN + public_key).digest()[:16].hex()
+
+
+@dataclass(frozen=True, slots=True)
+class PeerIdentity:
+    """The public half of a long-term identity, as presented by a peer.
+
+    Frozen and hashable so that callers can keep allow-lists and pins in sets and dicts.
+    """
+
+    kind: IdentityKind
+    public_key: bytes
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.kind, IdentityKind):
+            raise ValueError(f"unknown identity kind: {self.kind!r}")
+        if not isinstance(self.public_key, bytes) or len(self.public_key) != PUBLIC_KEY_BYTES:
+            raise ValueError("an identity public key is exactly 32 bytes")
+
+    @classmethod
+    def from_ss58(cls, address: str) -> PeerIdentity:
+        """The sr25519 identity of a hotkey given as an SS58 address (as the chain reports it)."""
+        try:
+            public_key = bytes(_sp_core().ss58_decode(address))
+        except (ValueError, TypeError) as exc:
+            raise ValueError(f"not a valid SS58 address: {address!r}") from exc
+        return cls(IdentityKind.SR25519, public_key)
+
+    @property
+    def display(self) -> str:
+        """Human-readable name: the worker id for Ed25519, the SS58 address for sr25519."""
+        if self.kind is IdentityKind.ED25519:
+            return worker_id_of(self.public_key)
+        return str(_sp_core().ss58_encode(self.public_key, SS58_FORMAT))
+
+    def __str__(self) -> str:
+        return f"{self.kind.value}:{self.display}"
+
+    def verify(self, message: bytes, signature: bytes) -> bool:
+        """True iff ``signature`` is this identity's signature over ``message``.
+
+        Never raises: any malformed input (wrong types, wrong lengths, invalid points) is simply
+        not a valid signature. Callers on the network path depend on that.
+        """
+        if not _all_bytes(message, signature):
+            return False
+        if len(signature) != SIGNATURE_BYTES:
+            return False
+        if self.kind is IdentityKind.ED25519:
+            try:
+                Ed25519PublicKey.from_public_bytes(self.public_key).verify(signature, message)
+            except (InvalidSignature, ValueError):
+                return False
+            return True
+        try:
+            keypair = _sp_core().Keypair(public_key=self.public_key, crypto_type=_SR25519)
+            return bool(keypair.verify(message, signature))
+        except Exception:  # the Rust binding raises assorted types on bad points/lengths
+            return False
+
+
+@runtime_checkable
+class Signer(Protocol):
+    """Anything that can sign with a long-term identity (worker key, hotkey, test doubles)."""
+
+    @property
+    def identity(self) -> PeerIdentity: ...
+
+    def sign(self, message: bytes) -> bytes: ...
+
+
+class WorkerKey:
+    """A worker's persistent Ed25519 identity."""
+
+    __slots__ = ("_identity", "_private_key")
+
+    def __init__(self, private_key: Ed25519PrivateKey) -> None:
+        self._private_key = private_key
+        public = private_key.public_key().public_bytes(
+            serialization.Encoding.Raw, serialization.PublicFormat.Raw
+        )
+        self._identity = PeerIdentity(IdentityKind.ED25519, public)
+
+    def __repr__(self) -> str:  # never show key material
+        return f"WorkerKey(worker_id={self.worker_id!r})"
+
+    @classmethod
+    def generate(cls) -> WorkerKey:
+        """A fresh key held only in memory (tests, ephemeral tools)."""
+        return cls(Ed25519PrivateKey.generate())
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str]) -> WorkerKey:
+        """Load an existing key file, refusing unsafe permissions or a corrupted file."""
+        key_path = Path(path)
+        try:
+            fd = os.open(key_path, os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError as exc:
+            raise KeyFileError(f"worker key file {key_path} does not exist") from exc
+        except OSError as exc:
+            raise KeyFileError(f"cannot open worker key file {key_path}: {exc.strerror}") from exc
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                raise KeyFileError(f"worker key file {key_path} is not a regular file")
+            mode = stat.S_IMODE(st.st_mode)
+            if mode & 0o077:
+                raise KeyFileError(
+                    f"worker key file {key_path} has mode {mode:04o}: it must not be accessible "
+                    f"by group or other (fix with: chmod 600 {key_path})"
+                )
+            if st.st_size > _MAX_KEY_FILE_BYTES:
+                raise KeyFileError(f"worker key file {key_path} is corrupted (too large)")
+            with os.fdopen(fd, "rb", closefd=False) as fh:
+                data = fh.read(_MAX_KEY_FILE_BYTES + 1)
+        except OSError as exc:
+            raise KeyFileError(f"cannot read worker key file {key_path}: {exc.strerror}") from exc
+        finally:
+            os.close(fd)
+        return cls(_parse_private_key(data, key_path))
+
+    @classmethod
+    def load_or_create(cls, path: str | os.PathLike[str]) -> WorkerKey:
+        """Load the key at ``path``, generating and persisting it first if there is none.
+
+        Creation is atomic and never clobbers: the key is written to a 0600 temporary file in the
+        same directory (``O_EXCL``), fsynced, then hard-linked into place, which fails if another
+        process won the race; the loser loads the winner's key, so one host has one identity.
+        """
+        key_path = Path(path)
+        if key_path.exists() or key_path.is_symlink():
+            return cls.load(key_path)
+        directory = key_path.parent
+        try:
+            directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+        except OSError as exc:
+            raise KeyFileError(
+                f"cannot create directory {directory} for worker key file {key_path}: "
+                f"{exc.strerror or exc}"
+            ) from exc
+        key = cls.generate()
+        try:
+            created = _write_new_file(key_path, key._private_bytes())
+        except OSError as exc:
+            raise KeyFileError(
+                f"cannot write worker key file {key_path}: {exc.strerror or exc}"
+            ) from exc
+        return key if created else cls.load(key_path)
+
+    def _private_bytes(self) -> bytes:
+        return self._private_key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+
+    @property
+    def identity(self) -> PeerIdentity:
+        return self._identity
+
+    @property
+    def public_key(self) -> bytes:
+        return self._identity.public_key
+
+    @property
+    def worker_id(self) -> str:
+        return worker_id_of(self._identity.public_key)
+
+    def sign(self, message: bytes) -> bytes:
+        return self._private_key.sign(message)
+
+
+def _parse_private_key(data: bytes, key_path: Path) -> Ed25519PrivateKey:
+    corrupted = (
+        f"worker key file {key_path} is corrupted or not a byteleap worker key "
+        "(expected an unencrypted PKCS#8 PEM Ed25519 private key)"
+    )
+    try:
+        private_key = serialization.load_pem_private_key(data, password=None)
+    except (ValueError, TypeError, UnsupportedAlgorithm) as exc:
+        raise KeyFileError(corrupted) from exc
+    if not isinstance(private_key, Ed25519PrivateKey):
+        raise KeyFileError(corrupted)
+    return private_key
+
+
+def _write_new_file(path: Path, data: bytes) -> bool:
+    """Atomically create ``path`` with ``data`` and mode 0600; False if it already existed."""
+    directory = path.parent
+    tmp = directory / f".{path.name}.{secrets.token_hex(8)}.tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+    try:
+        try:
+            os.fchmod(fd, 0o600)  # exact, whatever the umask
+            view = memoryview(data)
+            while view:
+                written = os.write(fd, view)
+                view = view[written:]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        try:
+            os.link(tmp, path)  # no-clobber, unlike rename
+            created = True
+        except FileExistsError:
+            created = False
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+    _fsync_directory(directory)
+    return created
+
+
+def _fsync_directory(directory: Path) -> None:
+    try:
+        dfd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError:  # pragma: no cover - e.g. directory not readable; the data fsync still held
+        return
+    try:
+        os.fsync(dfd)
+    except OSError:  # pragma: no cover - some filesystems refuse fsync on directories
+        pass
+    finally:
+        os.close(dfd)
+
+
+class HotkeySigner:
+    """Signs with a Bittensor sr25519 hotkey (miner and validator identities)."""
+
+    __slots__ = ("_identity", "_keypair")
+
+    def __init__(self, keypair: Any) -> None:
+        """Wrap a keypair; prefer the ``from_*`` constructors, which validate their input."""
+        crypto_type = getattr(keypair, "crypto_type", None)
+        if crypto_type != _SR25519:
+            raise IdentityError(f"a hotkey must be sr25519 (crypto_type 1), got {crypto_type!r}")
+        public_key = getattr(keypair, "public_key", None)
+        if not isinstance(public_key, bytes) or len(public_key) != PUBLIC_KEY_BYTES:
+            raise IdentityError("the keypair has no 32-byte public key")
+        self._keypair = keypair
+        self._identity = PeerIdentity(IdentityKind.SR25519, public_key)
+        # Prove we hold the matching private key now, not at the first handshake.
+        try:
+            probe = self.sign(_PROBE_MESSAGE)
+        except Exception as exc:  # bittensor_core raises ValueError for public-only keypairs
+            raise IdentityError(f"the keypair cannot sign (no private key?): {exc}") from exc
+        if not self._identity.verify(_PROBE_MESSAGE, probe):
+            raise IdentityError("the keypair's signature does not verify under its public key")
+
+    def __repr__(self) -> str:
+        return f"HotkeySigner({self.ss58_address!r})"
+
+    @classmethod
+    def from_keypair(cls, keypair: Any) -> HotkeySigner:
+        """Wrap an sr25519 ``bittensor_core.Keypair`` (== ``bittensor.Keypair``) that can sign."""
+        return cls(keypair)
+
+    @classmethod
+    def from_uri(cls, uri: str) -> HotkeySigner:
+        """Derive a dev key from a Substrate URI such as ``//Alice`` (devnet and tests only)."""
+        try:
+            keypair = _sp_core().Keypair.create_from_uri(uri, crypto_type=_SR25519)
+        except (ValueError, TypeError) as exc:
+            raise IdentityError(f"invalid key URI: {exc}") from exc
+        return cls(keypair)
+
+    @classmethod
+    def from_wallet(
+        cls,
+        name: str,
+        hotkey: str = "default",
+        path: str | os.PathLike[str] = "~/.bittensor/wallets",
+    ) -> HotkeySigner:
+        """Load ``<path>/<name>/hotkeys/<hotkey>`` (the standard bittensor wallet layout).
+
+        The hotkey must be unencrypted, which is bittensor's default: the daemon signs
+        unattended. Encrypted coldkeys are never needed by byteleap.
+        """
+        key_path = Path(path).expanduser() / name / "hotkeys" / hotkey
+        try:
+            data = key_path.read_bytes()
+        except FileNotFoundError as exc:
+            raise KeyFileError(
+                f"hotkey file {key_path} not found (wallet {name!r}, hotkey {hotkey!r}; "
+                f"create it with `btcli wallet new_hotkey`)"
+            ) from exc
+        except OSError as exc:
+            raise KeyFileError(f"cannot read hotkey file {key_path}: {exc.strerror}") from exc
+        sp_core = _sp_core()
+        try:
+            encrypted = bool(sp_core.keyfile_data_is_encrypted(data))
+        except Exception:  # unknown envelope: let deserialisation produce the error
+            encrypted = False
+        if encrypted:
+            raise KeyFileError(
+                f"hotkey file {key_path} is encrypted; byteleap needs an unencrypted hotkey "
+                "(regenerate it without a password, or decrypt it)"
+            )
+        try:
+            keypair = sp_core.deserialize_keypair_from_keyfile_data(data)
+        except Exception as exc:  # KeyfileError, ValueError from the binding
+            raise KeyFileError(f"hotkey file {key_path} is not a valid keyfile: {exc}") from exc
+        try:
+            return cls(keypair)
+        except IdentityError as exc:
+            raise KeyFileError(f"hotkey file {key_path} is unusable: {exc}") from exc
+
+    @property
+    def identity(self) -> PeerIdentity:
+        return self._identity
+
+    @property
+    def ss58_address(self) -> str:
+        return str(_sp_core().ss58_encode(self._identity.public_key, SS58_FORMAT))
+
+    def sign(self, message: bytes) -> bytes:
+        return bytes(self._keypair.sign(message))
