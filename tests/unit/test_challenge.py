@@ -9,7 +9,6 @@ import random
 import numpy as np
 import pytest
 
-from byteleap.core import merkle
 from byteleap.core.challenge import (
     ChallengeError,
     ChallengeSpec,
@@ -21,7 +20,7 @@ from byteleap.core.challenge import (
     verifier,
     verify,
 )
-from byteleap.core.challenge.prover import NumpyBackend, RevealedRow, _HostMatrix
+from byteleap.core.challenge.prover import NumpyBackend, RevealedRow
 
 
 def make_spec(
@@ -77,9 +76,7 @@ def cheating_proof(spec: ChallengeSpec, honest_fraction: float, seed: int) -> Pr
     skipped = rng.permutation(spec.n)[: spec.n - round(honest_fraction * spec.n)]
     bound = 4**spec.value_bits * 8
     rows[skipped] = rng.integers(-bound, bound, size=(len(skipped), spec.n)).astype(np.float32)
-    rows = np.ascontiguousarray(rows)
-    tree = merkle.MerkleTree.from_rows(spec.challenge_id, rows)
-    return ProvenChallenge(spec, "cheater", _HostMatrix(rows), tree, 0.0)
+    return ProvenChallenge.from_host_rows(spec, rows, "cheater")
 
 
 @pytest.mark.parametrize("fraction", [0.5, 0.75, 0.9])
@@ -173,8 +170,7 @@ def test_a_consistent_but_wrong_row_is_caught_by_the_columns() -> None:
     honest = prove(spec)
     rows = np.stack([np.frombuffer(honest.reveal([i])[0].values, "<f4") for i in range(128)])
     rows[5] += 1.0
-    tree = merkle.MerkleTree.from_rows(spec.challenge_id, np.ascontiguousarray(rows))
-    proof = ProvenChallenge(spec, "cheater", _HostMatrix(np.ascontiguousarray(rows)), tree, 0.0)
+    proof = ProvenChallenge.from_host_rows(spec, rows, "cheater")
     sample = RevealSample(rows=(5,), columns=((0, 1, 2),))
     verdict = verify(spec, proof.root, sample, revealed(proof, sample))
     assert verdict.reason == verifier.WRONG_VALUE and verdict.row == 5

@@ -12,9 +12,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from ..core import merkle
 from ..core.challenge import ChallengeError, ChallengeSpec, draw_sample, get_backend, prove, verify
-from ..core.challenge.prover import ProvenChallenge, _HostMatrix, available_backends
+from ..core.challenge.prover import ProvenChallenge, available_backends
 from ..core.challenge.spec import PRECISIONS
 
 app = typer.Typer(help="Run the proof-of-compute challenge locally.", no_args_is_help=True)
@@ -40,9 +39,7 @@ def _skipping_prover(honest: ProvenChallenge, skip_fraction: float) -> ProvenCha
     skipped = rng.permutation(spec.n)[: int(skip_fraction * spec.n)]
     bound = 4**spec.value_bits * 8
     rows[skipped] = rng.integers(-bound, bound, (len(skipped), spec.n)).astype(np.float32)
-    rows = np.ascontiguousarray(rows)
-    tree = merkle.MerkleTree.from_rows(spec.challenge_id, rows)
-    return ProvenChallenge(spec, "cheater", _HostMatrix(rows), tree, 0.0)
+    return ProvenChallenge.from_host_rows(spec, rows, "cheater")
 
 
 @app.command()

@@ -102,6 +102,17 @@ class ProvenChallenge:
         self._tree = tree
         self._released = False
 
+    @classmethod
+    def from_host_rows(
+        cls, spec: ChallengeSpec, rows: npt.NDArray[np.float32], backend: str
+    ) -> ProvenChallenge:
+        """Commit to given rows of C held in host memory (simulations, adversarial tests)."""
+        if rows.shape != (spec.n, spec.n):
+            raise ChallengeError(f"rows must be {spec.n}x{spec.n}, got {rows.shape}")
+        c = np.ascontiguousarray(rows, dtype="<f4")
+        tree = MerkleTree.from_rows(spec.challenge_id, c)
+        return cls(spec, backend, _HostMatrix(c), tree, 0.0)
+
     @property
     def root(self) -> bytes:
         return self._tree.root

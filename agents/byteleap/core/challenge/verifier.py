@@ -99,63 +99,62 @@ def verify(
     for checked, (index, columns) in enumerate(zip(sample.rows, sample.columns, strict=True)):
         item = revealed.get(index)
         if item is None:
-            return Verdict(
-                ok=False,
-                reason=MISSING_ROW,
-                row=index,
-                rows_checked=checked,
-                entries_checked=entries,
-                detail=f"row {index} was not revealed",
-            )
+            return _fail(index, checked, entries, MISSING_ROW, f"row {index} was not revealed")
         values_bytes, path = item
         if len(values_bytes) != 4 * n:
-            return Verdict(
-                ok=False,
-                reason=BAD_ROW_LENGTH,
-                row=index,
-                rows_checked=checked,
-                entries_checked=entries,
-                detail=f"row {index} has {len(values_bytes)} bytes, expected {4 * n}",
+            return _fail(
+                index,
+                checked,
+                entries,
+                BAD_ROW_LENGTH,
+                f"row {index} has {len(values_bytes)} bytes, expected {4 * n}",
             )
         values = np.frombuffer(values_bytes, dtype="<f4")
         if not _plausible(values, bound):
-            return Verdict(
-                ok=False,
-                reason=IMPLAUSIBLE_VALUE,
-                row=index,
-                rows_checked=checked,
-                entries_checked=entries,
-                detail=f"row {index} holds a value no honest product can have",
+            return _fail(
+                index,
+                checked,
+                entries,
+                IMPLAUSIBLE_VALUE,
+                f"row {index} holds a value no honest product can have",
             )
         leaf = merkle.leaf_hash(spec.challenge_id, index, values_bytes)
         folded = merkle.root_from_proof(leaf, index, n, path)
         if folded is None or not hmac.compare_digest(folded, root):
-            return Verdict(
-                ok=False,
-                reason=BAD_MERKLE_PATH,
-                row=index,
-                rows_checked=checked,
-                entries_checked=entries,
-                detail=f"row {index} does not match the committed root",
+            return _fail(
+                index,
+                checked,
+                entries,
+                BAD_MERKLE_PATH,
+                f"row {index} does not match the committed root",
             )
         a_row = prf.row(stream_a, prf.STREAM_A, n, bits, index).astype(np.float64)
         cols = np.asarray(columns, dtype=np.int64)
         b_cols = np.stack([prf.row(stream_b, prf.STREAM_B_T, n, bits, int(j)) for j in cols])
         expected = b_cols.astype(np.float64) @ a_row
-        got = values[cols].astype(np.float64)
-        diff = np.abs(got - expected)
+        diff = np.abs(values[cols].astype(np.float64) - expected)
         entries += len(cols)
         if not np.all(diff <= tol):
             bad = int(cols[int(np.argmax(diff))])
-            return Verdict(
-                ok=False,
-                reason=WRONG_VALUE,
-                row=index,
-                rows_checked=checked,
-                entries_checked=entries,
-                detail=f"C[{index}, {bad}] differs from the recomputed value",
+            return _fail(
+                index,
+                checked,
+                entries,
+                WRONG_VALUE,
+                f"C[{index}, {bad}] differs from the recomputed value",
             )
     return Verdict(ok=True, reason=OK, rows_checked=len(sample.rows), entries_checked=entries)
+
+
+def _fail(index: int, checked: int, entries: int, reason: str, detail: str) -> Verdict:
+    return Verdict(
+        ok=False,
+        reason=reason,
+        detail=detail,
+        row=index,
+        rows_checked=checked,
+        entries_checked=entries,
+    )
 
 
 def _plausible(values: np.ndarray, bound: int) -> bool:
