@@ -1,0 +1,48 @@
+"""byteleap-worker configuration (/etc/byteleap/worker.yaml, env prefix BYTELEAP_WORKER)."""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+import msgspec
+from msgspec import Meta
+
+from ..core.config import ConfigStruct, LoggingConfig, PositiveSeconds
+
+DEFAULT_CONFIG_PATH = "/etc/byteleap/worker.yaml"
+ENV_PREFIX = "BYTELEAP_WORKER"
+
+_WS_URL = r"\Awss?://[^\s/]+(/\S*)?\Z"
+_FINGERPRINT = r"\A([0-9a-f]{2}:){31}[0-9a-f]{2}\Z|\A[0-9a-f]{64}\Z"
+
+
+class MinerLink(ConfigStruct, frozen=True, kw_only=True):
+    url: Annotated[str, Meta(pattern=_WS_URL)] = "ws://127.0.0.1:7799/worker"
+    # With wss://, the SHA-256 fingerprint of the miner's certificate (hex, colons optional):
+    # miners use self-signed certificates, so a pinned fingerprint replaces a CA.
+    tls_fingerprint: Annotated[str, Meta(pattern=_FINGERPRINT)] | None = None
+    enrollment_secret_file: str = "/etc/byteleap/worker-enrollment.secret"  # noqa: S105 - a path
+    connect_timeout_s: PositiveSeconds = 10.0
+    reconnect_initial_s: PositiveSeconds = 1.0
+    reconnect_max_s: PositiveSeconds = 60.0
+
+
+class ChallengeSettings(ConfigStruct, frozen=True, kw_only=True):
+    backend: Literal["auto", "numpy", "cupy"] = "auto"
+    max_n: Annotated[int, Meta(ge=64, le=65536)] = 32768
+    result_ttl_s: PositiveSeconds = 300.0
+
+
+class GpuSettings(ConfigStruct, frozen=True, kw_only=True):
+    # host: GPUs stay on the NVIDIA driver (challenges only); passthrough: GPUs live on vfio-pci
+    # (leases only); auto: idle GPUs do challenges and are rebound to vfio-pci for a lease.
+    mode: Literal["host", "passthrough", "auto"] = "auto"
+
+
+class WorkerConfig(ConfigStruct, frozen=True, kw_only=True):
+    state_dir: str = "/var/lib/byteleap/worker"
+    miner: MinerLink = msgspec.field(default_factory=MinerLink)
+    heartbeat_interval_s: Annotated[float, Meta(ge=1, le=3600)] = 30.0
+    challenge: ChallengeSettings = msgspec.field(default_factory=ChallengeSettings)
+    gpu: GpuSettings = msgspec.field(default_factory=GpuSettings)
+    logging: LoggingConfig = msgspec.field(default_factory=LoggingConfig)
