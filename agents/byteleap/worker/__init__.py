@@ -1,1 +1,1 @@
-"""byteleap-worker: reports hardware, runs compute challenges and leased VMs on a GPU host."""
+"""The worker daemon: runs on each GPU host and reports to its miner."""

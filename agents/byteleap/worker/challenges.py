@@ -1,0 +1,204 @@
+"""Running challenges on the worker: off the event loop, one per device, never stuck busy.
+
+ByteLeap's worker could stay "busy" forever after a failed task. Here a device is marked busy
+only inside one ``try/finally`` around its computation, every refusal is a typed
+``ChallengeRefusedError`` (the caller answers with a wire ``Error``), and results are kept only
+until they are revealed and released, or until their time to live runs out (``sweep``).
+
+Work runs in a per-device single-thread executor: numpy's BLAS and hashlib release the GIL, so the
+event loop keeps serving heartbeats and systemd watchdog pings while a device computes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+
+import msgspec
+
+from ..core import wire
+from ..core.challenge import ChallengeError, ChallengeSpec, ProvenChallenge, prove
+from ..core.challenge.prover import Backend
+
+log = logging.getLogger(__name__)
+
+
+class ChallengeRefusedError(Exception):
+    """A challenge or reveal that the worker will not (or can no longer) serve."""
+
+    def __init__(self, code: wire.ErrorCode, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class Device(msgspec.Struct, frozen=True):
+    """A device that can run challenges: its uuid, prover backend and supported precisions."""
+
+    uuid: str
+    backend: Backend
+    precisions: frozenset[str]
+
+
+class _Held(msgspec.Struct):
+    proof: ProvenChallenge
+    expires_at: float
+
+
+class ChallengeRunner:
+    def __init__(
+        self,
+        worker_id: str,
+        devices: list[Device],
+        *,
+        max_n: int,
+        result_ttl_s: float,
+        clock: Callable[[], float] = time.monotonic,
+        prover: Callable[[ChallengeSpec, Backend], ProvenChallenge] | None = None,
+    ) -> None:
+        self._worker_id = worker_id
+        self._devices = {d.uuid: d for d in devices}
+        self._max_n = max_n
+        self._ttl = result_ttl_s
+        self._clock = clock
+        self._prove = prover or (lambda spec, backend: prove(spec, backend))
+        self._busy: set[str] = set()
+        self._held: dict[bytes, _Held] = {}
+        self._executors = {
+            uuid: ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"challenge-{uuid}")
+            for uuid in self._devices
+        }
+
+    @property
+    def device_uuids(self) -> list[str]:
+        return sorted(self._devices)
+
+    @property
+    def busy_devices(self) -> frozenset[str]:
+        return frozenset(self._busy)
+
+    @property
+    def held_results(self) -> int:
+        return len(self._held)
+
+    def _spec(self, req: wire.ChallengeRequest) -> tuple[Device, ChallengeSpec]:
+        device = self._devices.get(req.device_uuid)
+        if device is None:
+            raise ChallengeRefusedError(
+                wire.ErrorCode.DEVICE_UNKNOWN, f"no device {req.device_uuid!r} on this worker"
+            )
+        if req.n > self._max_n:
+            raise ChallengeRefusedError(
+                wire.ErrorCode.CHALLENGE_INVALID,
+                f"matrix size {req.n} exceeds this worker's limit of {self._max_n}",
+            )
+        if req.precision not in device.precisions:
+            raise ChallengeRefusedError(
+                wire.ErrorCode.CHALLENGE_INVALID,
+                f"device {req.device_uuid} does not compute in {req.precision}",
+            )
+        if req.challenge_id in self._held:
+            raise ChallengeRefusedError(
+                wire.ErrorCode.CHALLENGE_INVALID, "challenge id already used"
+            )
+        try:
+            spec = ChallengeSpec(
+                challenge_id=req.challenge_id,
+                seed=req.seed,
+                miner_hotkey=req.miner_hotkey,
+                worker_id=self._worker_id,
+                device_uuid=req.device_uuid,
+                n=req.n,
+                precision=req.precision,
+            )
+        except (ChallengeError, msgspec.ValidationError) as exc:
+            raise ChallengeRefusedError(wire.ErrorCode.CHALLENGE_INVALID, str(exc)) from None
+        return device, spec
+
+    async def run(self, req: wire.ChallengeRequest) -> wire.ChallengeCommit:
+        """Compute and commit; the result is held for ``reveal`` until released or expired."""
+        device, spec = self._spec(req)
+        if device.uuid in self._busy:
+            raise ChallengeRefusedError(wire.ErrorCode.DEVICE_BUSY, f"device {device.uuid} is busy")
+        self._busy.add(device.uuid)
+        started = self._clock()
+        try:
+            loop = asyncio.get_running_loop()
+            future = loop.run_in_executor(
+                self._executors[device.uuid], self._prove, spec, device.backend
+            )
+            try:
+                proof = await asyncio.wait_for(asyncio.shield(future), req.deadline_ms / 1000)
+            except TimeoutError:
+                # The thread cannot be interrupted; keep the device busy until it really ends.
+                with contextlib.suppress(Exception):
+                    stale = await future
+                    stale.release()
+                raise ChallengeRefusedError(
+                    wire.ErrorCode.CHALLENGE_EXPIRED,
+                    f"challenge took longer than its {req.deadline_ms} ms deadline",
+                ) from None
+        except ChallengeRefusedError:
+            raise
+        except MemoryError:
+            raise ChallengeRefusedError(
+                wire.ErrorCode.CHALLENGE_INVALID, f"not enough memory for n={req.n}"
+            ) from None
+        except Exception as exc:
+            log.exception("challenge on %s failed", device.uuid)
+            raise ChallengeRefusedError(
+                wire.ErrorCode.INTERNAL, f"challenge failed: {exc}"
+            ) from None
+        finally:
+            self._busy.discard(device.uuid)
+        elapsed_ms = int((self._clock() - started) * 1000)
+        self._held[req.challenge_id] = _Held(proof=proof, expires_at=self._clock() + self._ttl)
+        return wire.ChallengeCommit(
+            challenge_id=req.challenge_id,
+            device_uuid=req.device_uuid,
+            merkle_root=proof.root,
+            elapsed_ms=min(elapsed_ms, 2**32 - 1),
+        )
+
+    def reveal(self, req: wire.RevealRequest) -> wire.ChallengeReveal:
+        held = self._held.get(req.challenge_id)
+        if held is None or held.proof.spec.device_uuid != req.device_uuid:
+            raise ChallengeRefusedError(
+                wire.ErrorCode.CHALLENGE_UNKNOWN, "no result held for this challenge and device"
+            )
+        if held.expires_at <= self._clock():
+            self.release(req.challenge_id)
+            raise ChallengeRefusedError(wire.ErrorCode.CHALLENGE_EXPIRED, "result already expired")
+        try:
+            rows = held.proof.reveal(req.rows)
+        except ChallengeError as exc:
+            raise ChallengeRefusedError(wire.ErrorCode.CHALLENGE_INVALID, str(exc)) from None
+        return wire.ChallengeReveal(
+            challenge_id=req.challenge_id,
+            device_uuid=req.device_uuid,
+            rows=[wire.RevealedRow(index=r.index, values=r.values, path=r.path) for r in rows],
+        )
+
+    def release(self, challenge_id: bytes) -> bool:
+        held = self._held.pop(challenge_id, None)
+        if held is None:
+            return False
+        held.proof.release()
+        return True
+
+    def sweep(self) -> int:
+        """Free results past their time to live; returns how many."""
+        now = self._clock()
+        expired = [cid for cid, h in self._held.items() if h.expires_at <= now]
+        for cid in expired:
+            self.release(cid)
+        return len(expired)
+
+    def close(self) -> None:
+        for cid in list(self._held):
+            self.release(cid)
+        for executor in self._executors.values():
+            executor.shutdown(wait=False, cancel_futures=True)
