@@ -1,0 +1,222 @@
+"""byteleap-miner: the daemon (``main``), a ``Type=notify`` systemd service.
+
+Start-up validates everything before it serves: configuration (``--config``, env prefix
+``BYTELEAP_MINER``), the enrollment secret (systemd credential ``enrollment-secret`` or
+``policy.enrollment_secret_file``), the hotkey, TLS material. Any of those failing is exit code 2
+with one line on stderr. Then it opens the worker registry in ``state_dir`` (marking every worker
+offline: nobody is connected yet), listens for workers, opens the local control socket, and only
+then sends ``READY=1`` with ``STATUS=<n> workers online...``. ``WATCHDOG=1`` comes from the event
+loop; SIGTERM/SIGINT send ``STOPPING=1`` and drain: control socket closed, workers told
+``GOING_AWAY``, pending requests failed, registry marked offline and closed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import os
+import ssl
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..core.config import ConfigError, load_config
+from ..core.credentials import CredentialError, read_secret
+from ..core.identity import HotkeySigner, IdentityError
+from ..core.logs import log_fields, setup_logging
+from ..core.systemd import Notifier, install_signal_handlers, run_watchdog, watchdog_interval
+from .config import DEFAULT_CONFIG_PATH, ENV_PREFIX, MinerConfig
+from .control import ControlServer, default_control_path
+from .registry import WorkerRegistry
+from .relay import WorkerConnections
+from .server import MinerServer, tls_context
+
+__all__ = ["Prepared", "StartupError", "main", "open_registry", "parse_args", "prepare", "run"]
+
+log = logging.getLogger("byteleap.miner")
+
+PROG = "byteleap-miner"
+REGISTRY_FILE = "workers.db"
+STATUS_INTERVAL_S = 10.0
+EXIT_OK = 0
+EXIT_FAILURE = 1
+EXIT_CONFIG = 2
+
+
+class StartupError(Exception):
+    """Configuration, credential or identity problem: exit 2 with this one line."""
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog=PROG, description="ByteLeap miner: aggregates workers and relays challenges."
+    )
+    parser.add_argument(
+        "--config", default=DEFAULT_CONFIG_PATH, help=f"YAML config (default {DEFAULT_CONFIG_PATH})"
+    )
+    parser.add_argument(
+        "--hotkey-uri",
+        help="derive the hotkey from a dev URI such as //Alice (devnet and tests only)",
+    )
+    parser.add_argument("--wallet-name", default="default", help="bittensor wallet name")
+    parser.add_argument("--wallet-hotkey", default="default", help="hotkey name in the wallet")
+    parser.add_argument(
+        "--wallet-path", default="~/.bittensor/wallets", help="bittensor wallets directory"
+    )
+    parser.add_argument(
+        "--control-socket",
+        help="control API socket (default $RUNTIME_DIRECTORY/control.sock or <state_dir>/...)",
+    )
+    return parser.parse_args(argv)
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """A validated start-up: nothing is bound or opened yet."""
+
+    config: MinerConfig
+    signer: HotkeySigner
+    secret: bytes
+    control_path: Path
+    server_tls: ssl.SSLContext | None
+
+
+def prepare(args: argparse.Namespace) -> Prepared:
+    """Everything that can be validated before binding anything (raises StartupError)."""
+    try:
+        config = load_config(Path(args.config), MinerConfig, env_prefix=ENV_PREFIX)
+    except ConfigError as exc:
+        raise StartupError(f"config: {exc}") from None
+    try:
+        secret = read_secret("enrollment-secret", config.policy.enrollment_secret_file)
+    except CredentialError as exc:
+        raise StartupError(f"enrollment secret: {exc}") from None
+    try:
+        if args.hotkey_uri:
+            signer = HotkeySigner.from_uri(args.hotkey_uri)
+        else:
+            signer = HotkeySigner.from_wallet(
+                args.wallet_name, args.wallet_hotkey, args.wallet_path
+            )
+    except IdentityError as exc:
+        raise StartupError(f"hotkey: {exc}") from None
+    try:
+        server_tls = tls_context(config.workers)
+    except (ValueError, OSError) as exc:
+        raise StartupError(f"workers TLS: {exc}") from None
+    control_path = (
+        Path(args.control_socket) if args.control_socket else default_control_path(config.state_dir)
+    )
+    return Prepared(config, signer, secret, control_path, server_tls)
+
+
+def open_registry(config: MinerConfig) -> WorkerRegistry:
+    """Create ``state_dir`` (0700) if needed and open the registry, every worker offline."""
+    state_dir = Path(config.state_dir)
+    state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    registry = WorkerRegistry(state_dir / REGISTRY_FILE, max_workers=config.policy.max_workers)
+    registry.mark_all_offline()  # nobody is connected yet, whatever the file says
+    return registry
+
+
+async def run(prepared: Prepared, registry: WorkerRegistry) -> int:
+    """Serve until SIGTERM/SIGINT; closes ``registry`` on the way out."""
+    config = prepared.config
+    notifier = Notifier()
+    loop = asyncio.get_running_loop()
+
+    server: MinerServer | None = None
+
+    def refresh_status() -> None:
+        if server is not None:
+            notifier.status(server.status_line())
+
+    connections = WorkerConnections(
+        on_outcome=lambda worker_id, ok: registry.record_challenge(worker_id, ok=ok)
+    )
+    server = MinerServer(
+        config,
+        signer=prepared.signer,
+        registry=registry,
+        enrollment_secret=prepared.secret,
+        connections=connections,
+        ssl_context=prepared.server_tls,
+        on_change=refresh_status,
+    )
+    control = ControlServer(
+        registry=registry,
+        connections=connections,
+        miner_hotkey=prepared.signer.ss58_address,
+        path=prepared.control_path,
+        status=server.status_line,
+        close_worker=server.disconnect,
+    )
+
+    async def shutdown() -> None:
+        await control.stop()
+        assert server is not None
+        await server.stop()
+
+    trigger = install_signal_handlers(loop, shutdown, notifier)
+    try:
+        await server.start()
+        await control.start()
+    except OSError as exc:
+        log.error("cannot listen: %s", exc)
+        with contextlib.suppress(Exception):
+            await shutdown()
+        registry.close()
+        return EXIT_FAILURE
+
+    notifier.ready(server.status_line())
+    log.info(
+        "miner %s ready: %s",
+        prepared.signer.ss58_address,
+        server.status_line(),
+        extra=log_fields(control_socket=str(control.path), urls=" ".join(server.urls)),
+    )
+    watchdog = asyncio.create_task(run_watchdog(notifier, watchdog_interval()), name="watchdog")
+    status = asyncio.create_task(_status_loop(refresh_status), name="status")
+    try:
+        await trigger.wait()
+    finally:
+        for task in (watchdog, status):
+            task.cancel()
+        await asyncio.gather(watchdog, status, return_exceptions=True)
+        registry.mark_all_offline()
+        registry.close()
+    log.info("miner stopped")
+    return EXIT_OK
+
+
+async def _status_loop(refresh: Callable[[], None]) -> None:
+    while True:
+        await asyncio.sleep(STATUS_INTERVAL_S)
+        refresh()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        prepared = prepare(args)
+    except StartupError as exc:
+        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    setup_logging("miner", prepared.config.logging.level)
+    log.debug("pid %d", os.getpid())
+    try:
+        registry = open_registry(prepared.config)
+    except Exception as exc:  # OSError, sqlite3.Error
+        log.error("cannot open the worker registry in %s: %s", prepared.config.state_dir, exc)
+        return EXIT_FAILURE
+    try:
+        return asyncio.run(run(prepared, registry))
+    except KeyboardInterrupt:  # pragma: no cover - SIGINT is handled on the loop
+        return EXIT_OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())
