@@ -477,7 +477,7 @@ async def dial(
     config: SessionConfig | None = None,
     handshake_timeout: float | None = None,
     max_msg_size: int | None = None,
-    ssl: ssl_module.SSLContext | bool | None = None,
+    ssl: ssl_module.SSLContext | aiohttp.Fingerprint | bool | None = None,
     headers: Mapping[str, str] | None = None,
     peer_kind: IdentityKind | None = None,
     rate_limit: RateLimiter | None = None,

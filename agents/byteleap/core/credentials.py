@@ -7,6 +7,8 @@ refused, as is one that is too short to be a secret. Errors name the path, never
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import os
 import secrets
 import stat
@@ -75,3 +77,12 @@ def write_new_secret(path: str | Path, *, nbytes: int = 32) -> bool:
     finally:
         os.close(fd)
     return True
+
+
+def enrollment_mac(secret: bytes, channel_binding: bytes) -> bytes:
+    """Proof of knowing a shared secret without sending it: ``HMAC-SHA256(secret, binding)``.
+
+    The channel binding is unique to one secure session and unknown outside it, so the proof
+    cannot be replayed into another session (see ``core.session``).
+    """
+    return hmac.new(secret, channel_binding, hashlib.sha256).digest()

@@ -142,6 +142,10 @@ __all__ = [
 
 PROTOCOL_VERSION: Final = 1
 
+# Session prologues: a secure session is bound to the link it was opened for.
+WORKER_MINER_PROLOGUE: Final = b"byteleap/worker-miner/v1"
+MINER_VALIDATOR_PROLOGUE: Final = b"byteleap/miner-validator/v1"
+
 _KIB: Final = 1024
 _MIB: Final = 1024 * _KIB
 WORKER_TO_MINER_MAX_BYTES: Final = 8 * _MIB

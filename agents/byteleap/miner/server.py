@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import hmac
 import logging
 import ssl
@@ -37,6 +36,7 @@ from aiohttp import web
 
 from ..core import wire
 from ..core.channel import AcceptFailed, Channel, ChannelClosed, CloseCode, RateLimiter, accept
+from ..core.credentials import enrollment_mac
 from ..core.identity import IdentityKind, PeerIdentity, Signer, worker_id_of
 from ..core.logs import log_fields
 from ..core.session import SessionConfig
@@ -53,7 +53,7 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-PROLOGUE = b"byteleap/worker-miner/v1"
+PROLOGUE = wire.WORKER_MINER_PROLOGUE
 LINK = wire.Link.WORKER_MINER
 MAX_SWEEP_INTERVAL_S = 5.0
 REFUSAL_CLOSE_TIMEOUT_S = 1.0
@@ -66,11 +66,6 @@ _REFUSAL_CLOSE: dict[wire.ErrorCode, CloseCode] = {
     wire.ErrorCode.UNEXPECTED_MESSAGE: CloseCode.PROTOCOL_ERROR,
     wire.ErrorCode.SHUTTING_DOWN: CloseCode.GOING_AWAY,
 }
-
-
-def enrollment_mac(secret: bytes, channel_binding: bytes) -> bytes:
-    """The enrollment proof: ``HMAC-SHA256(secret, channel_binding)``."""
-    return hmac.new(secret, channel_binding, hashlib.sha256).digest()
 
 
 def tls_context(listen: WorkerListen) -> ssl.SSLContext | None:

@@ -7,18 +7,23 @@ from typing import Annotated, Literal
 import msgspec
 from msgspec import Meta
 
+from ..core import wire
 from ..core.config import ConfigStruct, LoggingConfig, PositiveSeconds
 
 DEFAULT_CONFIG_PATH = "/etc/byteleap/worker.yaml"
 ENV_PREFIX = "BYTELEAP_WORKER"
 
 _WS_URL = r"\Awss?://[^\s/]+(/\S*)?\Z"
-_FINGERPRINT = r"\A([0-9a-f]{2}:){31}[0-9a-f]{2}\Z|\A[0-9a-f]{64}\Z"
+_FINGERPRINT = r"\A([0-9a-fA-F]{2}:){31}[0-9a-fA-F]{2}\Z|\A[0-9a-fA-F]{64}\Z"
 
 
 class MinerLink(ConfigStruct, frozen=True, kw_only=True):
     url: Annotated[str, Meta(pattern=_WS_URL)] = "ws://127.0.0.1:7799/worker"
-    # With wss://, the SHA-256 fingerprint of the miner's certificate (hex, colons optional):
+    # The miner's sr25519 hotkey (ss58). Unset: trust the first hotkey seen and pin it in
+    # <state_dir>/miner.pin (trust on first use); any other hotkey is refused afterwards.
+    hotkey: wire.Hotkey | None = None
+    # With wss://, the SHA-256 fingerprint of the miner's certificate (hex, colons optional,
+    # as `openssl x509 -noout -fingerprint -sha256` prints it):
     # miners use self-signed certificates, so a pinned fingerprint replaces a CA.
     tls_fingerprint: Annotated[str, Meta(pattern=_FINGERPRINT)] | None = None
     enrollment_secret_file: str = "/etc/byteleap/worker-enrollment.secret"  # noqa: S105 - a path

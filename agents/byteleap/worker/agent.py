@@ -1,0 +1,270 @@
+"""byteleap-worker: the daemon on every GPU host (``python -m byteleap.worker.agent``).
+
+Start-up, in order; any failure up to the key is one line on stderr and exit code 2 (systemd
+shows it in ``systemctl status``, and ``RestartPreventExitStatus=2`` can keep a broken config from
+restart-looping):
+
+1. ``--config`` (default ``/etc/byteleap/worker.yaml``) with ``BYTELEAP_WORKER__*`` overrides;
+2. the enrollment secret: systemd credential ``enrollment-secret``, else
+   ``miner.enrollment_secret_file``;
+3. the state directory (created 0700) and the worker's Ed25519 key ``<state_dir>/worker.key``
+   (created on first start; the worker id derives from it).
+
+Then the event loop: the systemd watchdog pings from the loop, the inventory is collected and the
+challenge devices are set up off the loop (CPU ``cpu-0`` always; CUDA GPUs through CuPy unless
+``gpu.mode`` is ``passthrough``), and the :class:`~byteleap.worker.link.WorkerLink` runs.
+``READY=1`` goes out after the first successful miner session, or after the first failed attempt
+when the miner is unreachable (the agent is then configured and retrying; ``STATUS=`` says which).
+``STATUS=`` follows every link state change. SIGTERM/SIGINT: ``STOPPING=1``, the link is closed
+with ``GOING_AWAY``, exit 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import NoReturn
+
+from byteleap import __version__
+from byteleap.core import wire
+from byteleap.core.challenge.prover import NumpyBackend
+from byteleap.core.config import ConfigError, load_config
+from byteleap.core.credentials import CredentialError, read_secret
+from byteleap.core.identity import IdentityError, WorkerKey
+from byteleap.core.logs import log_fields, setup_logging
+from byteleap.core.systemd import Notifier, install_signal_handlers, run_watchdog, watchdog_interval
+
+from . import inventory
+from .challenges import ChallengeRunner, Device
+from .config import DEFAULT_CONFIG_PATH, ENV_PREFIX, WorkerConfig
+from .link import LinkSettings, LinkState, LinkStatus, WorkerLink
+
+__all__ = ["CPU_DEVICE", "EXIT_CONFIG", "build_devices", "main"]
+
+log = logging.getLogger(__name__)
+
+AGENT = "byteleap-worker"
+CPU_DEVICE = "cpu-0"
+EXIT_CONFIG = 2
+SECRET_CREDENTIAL = "enrollment-secret"  # noqa: S105 - a credential name, not a secret
+KEY_FILE = "worker.key"
+_GPU_PRECISIONS = frozenset({"fp32", "fp16"})
+_AMPERE_PRECISIONS = frozenset({"tf32", "bf16"})  # compute capability 8.0 and newer
+
+
+# --------------------------------------------------------------------------------------------
+# Challenge devices
+
+
+def build_devices(cfg: WorkerConfig, inv: wire.Inventory) -> list[Device]:
+    """The devices that run challenges: ``cpu-0`` always, CUDA GPUs when CuPy can use them.
+
+    Blocking (CuPy compiles its kernels per device): call it off the event loop.
+    """
+    devices = [Device(uuid=CPU_DEVICE, backend=NumpyBackend(), precisions=frozenset({"fp32"}))]
+    if cfg.gpu.mode == "passthrough":
+        log.info("gpu.mode is passthrough: GPUs are for leases only, no GPU challenges")
+        return devices
+    if cfg.challenge.backend == "numpy":
+        return devices
+    try:
+        from byteleap.core.challenge import cupy_backend
+
+        available = cupy_backend.is_available()
+    except Exception:  # a broken CUDA install must not stop the CPU worker
+        available = False
+    if not available:
+        if cfg.challenge.backend == "cupy" or inv.gpus:
+            log.warning(
+                "CuPy cannot use any CUDA device (is the cuda extra installed?): "
+                "GPU challenges are disabled, cpu-0 only"
+            )
+        return devices
+    devices.extend(_cuda_devices(inv))
+    return devices
+
+
+def _cuda_devices(inv: wire.Inventory) -> list[Device]:
+    """One device per CUDA GPU, named by the NVML uuid of the inventory GPU at its PCI address."""
+    import cupy
+
+    from byteleap.core.challenge.cupy_backend import CupyBackend
+
+    by_address = {
+        inventory.normalize_pci_address(gpu.pci_bus_id): gpu
+        for gpu in inv.gpus
+        if not gpu.vfio_bound
+    }
+    devices: list[Device] = []
+    for index in range(int(cupy.cuda.runtime.getDeviceCount())):
+        try:
+            props = cupy.cuda.runtime.getDeviceProperties(index)
+            address = (
+                f"{int(props['pciDomainID']):04x}:{int(props['pciBusID']):02x}:"
+                f"{int(props['pciDeviceID']):02x}.0"
+            )
+            gpu = by_address.get(address)
+            if gpu is None:
+                log.warning(
+                    "CUDA device %d at %s is not in the NVML inventory: no challenges on it",
+                    index,
+                    address,
+                )
+                continue
+            precisions = _GPU_PRECISIONS
+            if int(props["major"]) >= 8:
+                precisions = precisions | _AMPERE_PRECISIONS
+            devices.append(Device(uuid=gpu.uuid, backend=CupyBackend(index), precisions=precisions))
+            log.info(
+                "GPU %s (%s, CUDA device %d) runs challenges in %s",
+                gpu.uuid,
+                gpu.name,
+                index,
+                ", ".join(sorted(precisions)),
+            )
+        except Exception as exc:  # one bad GPU must not hide the others
+            log.warning("CUDA device %d cannot run challenges: %s", index, exc)
+    return devices
+
+
+# --------------------------------------------------------------------------------------------
+# Start-up
+
+
+def _die(message: str) -> NoReturn:
+    """One line on stderr and exit code 2 (configuration, credential or key problem)."""
+    line = " ".join(message.split())
+    print(f"{AGENT}: {line}", file=sys.stderr, flush=True)
+    raise SystemExit(EXIT_CONFIG)
+
+
+def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog=AGENT, description="ByteLeap worker: reports this host to its miner, runs challenges."
+    )
+    parser.add_argument(
+        "--config",
+        default=DEFAULT_CONFIG_PATH,
+        metavar="PATH",
+        help=f"YAML configuration file (default: {DEFAULT_CONFIG_PATH})",
+    )
+    parser.add_argument("--version", action="version", version=f"{AGENT} {__version__}")
+    return parser.parse_args(argv)
+
+
+def _prepare_state_dir(path: Path) -> None:
+    try:
+        path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    except OSError as exc:
+        _die(f"state_dir: cannot create {path}: {exc.strerror or exc}")
+    if not path.is_dir():
+        _die(f"state_dir: {path} is not a directory")
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Entry point of ``byteleap-worker``."""
+    args = _parse_args(argv)
+    config_path = Path(args.config)
+    try:
+        cfg = load_config(config_path, WorkerConfig, env_prefix=ENV_PREFIX)
+        settings = LinkSettings.from_config(cfg)
+    except ConfigError as exc:
+        _die(f"configuration error: {exc}")
+    except ValueError as exc:  # LinkSettings: names the key
+        _die(f"configuration error: {config_path}: {exc}")
+    try:
+        secret = read_secret(SECRET_CREDENTIAL, cfg.miner.enrollment_secret_file)
+    except CredentialError as exc:
+        _die(f"enrollment secret: {exc}")
+    state_dir = Path(cfg.state_dir)
+    _prepare_state_dir(state_dir)
+    try:
+        key = WorkerKey.load_or_create(state_dir / KEY_FILE)
+    except IdentityError as exc:
+        _die(f"worker key: {exc}")
+
+    setup_logging(AGENT, cfg.logging.level)
+    log.info(
+        "%s %s starting as worker %s (miner %s)",
+        AGENT,
+        __version__,
+        key.worker_id,
+        settings.url,
+        extra=log_fields(worker_id=key.worker_id, miner_url=settings.url),
+    )
+    try:
+        code = asyncio.run(_serve(cfg, settings, key, secret, state_dir))
+    except KeyboardInterrupt:  # a second Ctrl-C during shutdown
+        code = 130
+    raise SystemExit(code)
+
+
+async def _serve(
+    cfg: WorkerConfig, settings: LinkSettings, key: WorkerKey, secret: bytes, state_dir: Path
+) -> int:
+    loop = asyncio.get_running_loop()
+    notifier = Notifier()
+    link: WorkerLink | None = None
+    stop_requested = asyncio.Event()
+
+    async def on_stop() -> None:
+        stop_requested.set()
+        if link is not None:
+            await link.stop()
+
+    trigger = install_signal_handlers(loop, on_stop, notifier)
+    watchdog = asyncio.create_task(run_watchdog(notifier, watchdog_interval()), name="watchdog")
+    runner: ChallengeRunner | None = None
+    try:
+        notifier.status("starting: collecting the inventory and setting up challenge devices")
+        inv = await asyncio.to_thread(inventory.collect_inventory)
+        devices = await asyncio.to_thread(build_devices, cfg, inv)
+        runner = ChallengeRunner(
+            key.worker_id,
+            devices,
+            max_n=cfg.challenge.max_n,
+            result_ttl_s=cfg.challenge.result_ttl_s,
+        )
+        log.info("challenge devices: %s", ", ".join(runner.device_uuids))
+        ready = False
+
+        def on_status(status: LinkStatus) -> None:
+            nonlocal ready
+            line = status.line()
+            if not ready and status.state in (LinkState.CONNECTED, LinkState.WAITING):
+                ready = True
+                notifier.ready(line)
+            elif status.state is not LinkState.STOPPED:
+                notifier.status(line)
+
+        link = WorkerLink(
+            settings,
+            key=key,
+            secret=secret,
+            runner=runner,
+            state_dir=state_dir,
+            initial_inventory=inv,
+            on_status=on_status,
+        )
+        if not stop_requested.is_set():
+            await link.run()
+    except Exception:
+        log.exception("%s failed", AGENT)
+        notifier.stopping("failed; see the journal")
+        return 1
+    finally:
+        if runner is not None:
+            runner.close()
+        watchdog.cancel()
+    if trigger.task is not None:
+        await trigger.wait()
+    log.info("%s stopped", AGENT)
+    return 0
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,820 @@
+"""The worker's link to its miner: dial, enroll, register, then serve until the link drops.
+
+One :class:`WorkerLink` owns the connection loop of docs/worker-miner.md:
+
+1. dial the miner (``ws://``, or ``wss://`` with the certificate's SHA-256 fingerprint pinned)
+   and run the secure-session handshake (:func:`byteleap.core.channel.dial`); the miner's sr25519
+   hotkey must be the configured one, or else the one pinned in ``<state_dir>/miner.pin`` (trust
+   on first use: the first miner that acknowledges our registration is pinned, any other hotkey is
+   refused afterwards with one clear log line);
+2. send ``EnrollProof`` (HMAC-SHA256 of the channel binding under the enrollment secret: the
+   secret never crosses the wire) and ``Register`` with the current inventory, and wait for
+   ``RegisterAck``;
+3. steady state, concurrently: heartbeats (``collect_live`` in a thread) every
+   ``min(configured, miner's)`` interval, an ``InventoryUpdate`` only when the inventory
+   fingerprint changes, and the receive loop that serves challenges (each in its own task, so
+   the loop keeps receiving), reveals, releases and pings;
+4. on any disconnect: one log line with the reason, then a full-jitter exponential backoff
+   (reset after a session that lasted longer than ``stable_after_s``) and back to 1.
+
+Results of challenges survive reconnects (a miner may still ask for the reveal); the runner frees
+them on ``ChallengeRelease`` or when their time to live runs out (swept periodically, connected or
+not). Clocks, sleeping, randomness and the inventory collectors are injectable for tests.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import enum
+import itertools
+import logging
+import os
+import random
+import secrets
+import time
+from collections.abc import Awaitable, Callable, Coroutine
+from pathlib import Path
+from typing import Any, Final
+from urllib.parse import urlsplit
+
+import aiohttp
+from aiohttp import WSCloseCode
+
+from byteleap import __version__
+from byteleap.core import wire
+from byteleap.core.channel import Channel, ChannelClosed, CloseCode, dial
+from byteleap.core.credentials import enrollment_mac
+from byteleap.core.identity import IdentityKind, PeerIdentity, WorkerKey
+from byteleap.core.logs import log_fields
+
+from . import inventory as inventory_mod
+from .challenges import ChallengeRefusedError, ChallengeRunner
+from .config import WorkerConfig
+
+__all__ = [
+    "PIN_FILE",
+    "PROLOGUE",
+    "Backoff",
+    "LinkSettings",
+    "LinkState",
+    "LinkStatus",
+    "WorkerLink",
+    "enrollment_mac",
+    "read_pin",
+    "write_pin",
+]
+
+log = logging.getLogger(__name__)
+
+PROLOGUE: Final = wire.WORKER_MINER_PROLOGUE
+PIN_FILE: Final = "miner.pin"
+_SHUTDOWN_REASON: Final = "worker shutting down"
+_ROTATE_MARGIN_S: Final = 60.0  # reconnect this long before the session's maximum age
+
+
+# --------------------------------------------------------------------------------------------
+# Settings, status, backoff
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class LinkSettings:
+    """What the link needs from the configuration (tests build it directly, with tiny times)."""
+
+    url: str
+    tls_fingerprint: bytes | None = None
+    """SHA-256 of the miner's DER certificate (``wss://`` only)."""
+    miner_hotkey: str | None = None
+    """Configured miner hotkey (ss58); ``None``: trust on first use, pinned in the state dir."""
+    connect_timeout_s: float = 10.0
+    """Bounds the TCP/TLS connection and the handshake together."""
+    register_timeout_s: float = 10.0
+    """How long to wait for ``RegisterAck`` after sending ``Register``."""
+    reconnect_initial_s: float = 1.0
+    reconnect_max_s: float = 60.0
+    stable_after_s: float = 60.0
+    """A session that lasted longer than this resets the backoff."""
+    heartbeat_interval_s: float = 30.0
+    inventory_interval_s: float = 60.0
+    sweep_interval_s: float = 10.0
+    close_timeout_s: float = 2.0
+
+    def __post_init__(self) -> None:
+        scheme = urlsplit(self.url).scheme
+        if scheme not in ("ws", "wss"):
+            raise ValueError(f"miner.url: must be ws:// or wss://, got {self.url!r}")
+        if self.tls_fingerprint is not None:
+            if len(self.tls_fingerprint) != 32:
+                raise ValueError("miner.tls_fingerprint: must be a SHA-256 digest (32 bytes)")
+            if scheme != "wss":
+                raise ValueError("miner.tls_fingerprint: is only used with a wss:// miner.url")
+        for name in (
+            "connect_timeout_s",
+            "register_timeout_s",
+            "reconnect_initial_s",
+            "reconnect_max_s",
+            "heartbeat_interval_s",
+            "inventory_interval_s",
+            "sweep_interval_s",
+            "close_timeout_s",
+        ):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be positive")
+        if self.reconnect_max_s < self.reconnect_initial_s:
+            raise ValueError(
+                "miner.reconnect_max_s: must not be smaller than miner.reconnect_initial_s"
+            )
+
+    @classmethod
+    def from_config(cls, cfg: WorkerConfig) -> LinkSettings:
+        """Settings from the worker config. Raises ``ValueError`` naming the bad key."""
+        miner = cfg.miner
+        fingerprint = None
+        if miner.tls_fingerprint is not None:
+            fingerprint = bytes.fromhex(miner.tls_fingerprint.replace(":", ""))
+        if miner.hotkey is not None:
+            try:
+                PeerIdentity.from_ss58(miner.hotkey)
+            except ValueError:
+                raise ValueError(
+                    f"miner.hotkey: {miner.hotkey!r} is not a valid ss58 address"
+                ) from None
+        return cls(
+            url=miner.url,
+            tls_fingerprint=fingerprint,
+            miner_hotkey=miner.hotkey,
+            connect_timeout_s=miner.connect_timeout_s,
+            register_timeout_s=max(miner.connect_timeout_s, 10.0),
+            reconnect_initial_s=miner.reconnect_initial_s,
+            reconnect_max_s=miner.reconnect_max_s,
+            heartbeat_interval_s=cfg.heartbeat_interval_s,
+            sweep_interval_s=min(10.0, cfg.challenge.result_ttl_s / 4),
+        )
+
+
+class LinkState(enum.StrEnum):
+    CONNECTING = "connecting"
+    CONNECTED = "connected"
+    """Registered with the miner (``RegisterAck`` received)."""
+    WAITING = "waiting"
+    """Disconnected or refused; waiting ``retry_in_s`` before the next attempt."""
+    STOPPED = "stopped"
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class LinkStatus:
+    """A snapshot reported to ``on_status`` at every state change."""
+
+    state: LinkState
+    url: str
+    miner: str | None = None
+    """The connected (or last) miner's hotkey, ss58."""
+    reason: str | None = None
+    """Why the last attempt failed or the last session ended."""
+    retry_in_s: float | None = None
+    failures: int = 0
+    """Consecutive failed attempts (0 while connected)."""
+    sessions: int = 0
+    """Registrations so far (the first one is the worker's first successful session)."""
+    ever_connected: bool = False
+
+    def line(self) -> str:
+        """One human line for systemd's STATUS= and logs."""
+        if self.state is LinkState.CONNECTED:
+            return f"connected to miner {self.miner} at {self.url}"
+        if self.state is LinkState.CONNECTING:
+            return f"connecting to miner at {self.url}"
+        if self.state is LinkState.STOPPED:
+            return "stopped"
+        what = "miner link lost" if self.ever_connected else "miner unreachable"
+        retry = f"; retrying in {self.retry_in_s:.1f}s" if self.retry_in_s is not None else ""
+        return f"{what} at {self.url}: {self.reason}{retry}"
+
+
+class Backoff:
+    """Full-jitter exponential backoff: attempt k waits uniform(0, min(max, initial * 2**k))."""
+
+    def __init__(self, initial_s: float, max_s: float, *, rng: random.Random | None = None) -> None:
+        if not 0 < initial_s <= max_s:
+            raise ValueError("backoff needs 0 < initial_s <= max_s")
+        self._initial = initial_s
+        self._max = max_s
+        self._rng = rng if rng is not None else random.SystemRandom()
+        self._attempt = 0
+
+    @property
+    def attempt(self) -> int:
+        """Delays handed out since the last reset."""
+        return self._attempt
+
+    def ceiling(self) -> float:
+        """The upper bound of the next delay."""
+        return min(self._max, self._initial * 2.0 ** min(self._attempt, 62))
+
+    def next_delay(self) -> float:
+        ceiling = self.ceiling()
+        self._attempt += 1
+        return self._rng.uniform(0.0, ceiling)
+
+    def reset(self) -> None:
+        self._attempt = 0
+
+
+# --------------------------------------------------------------------------------------------
+# Enrollment proof and the miner pin
+
+
+class PinError(Exception):
+    """The miner pin file exists but cannot be read or parsed."""
+
+
+def read_pin(path: Path) -> PeerIdentity | None:
+    """The pinned miner identity, ``None`` if nothing is pinned yet."""
+    try:
+        text = path.read_text(encoding="ascii").strip()
+    except FileNotFoundError:
+        return None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise PinError(f"cannot read the miner pin {path}: {exc}") from None
+    try:
+        return PeerIdentity.from_ss58(text)
+    except ValueError:
+        raise PinError(
+            f"miner pin {path} is corrupted (expected one ss58 address); delete it to trust "
+            "the next miner"
+        ) from None
+
+
+def write_pin(path: Path, identity: PeerIdentity) -> None:
+    """Atomically write the pin (mode 0600): the miner's ss58 address on one line."""
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
+    data = (identity.display + "\n").encode("ascii")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+    try:
+        try:
+            os.fchmod(fd, 0o600)
+            os.write(fd, data)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        tmp.replace(path)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+
+
+# --------------------------------------------------------------------------------------------
+# Failures
+
+
+class _AttemptFailedError(Exception):
+    """An attempt failed before registration; the message is the reason to log."""
+
+
+class _SessionEndedError(Exception):
+    """A registered session ended; the message is the reason to log."""
+
+
+def _close_code_name(code: int) -> str:
+    for enum_type in (CloseCode, WSCloseCode):
+        with contextlib.suppress(ValueError):
+            return enum_type(code).name
+    return "unknown"
+
+
+def _closed_text(exc: ChannelClosed, peer_error: wire.Error | None) -> str:
+    name = _close_code_name(exc.code)
+    text = f"close code {exc.code} ({name})"
+    if exc.reason:
+        text += f": {exc.reason}"
+    if peer_error is not None:
+        text += f"; miner said {peer_error.code.name}"
+        if peer_error.message:
+            text += f": {peer_error.message}"
+    return text
+
+
+# --------------------------------------------------------------------------------------------
+# The link
+
+
+class WorkerLink:
+    """The connection loop. Run it with :meth:`run`; end it with :meth:`stop`."""
+
+    def __init__(
+        self,
+        settings: LinkSettings,
+        *,
+        key: WorkerKey,
+        secret: bytes,
+        runner: ChallengeRunner,
+        state_dir: Path,
+        collect_inventory: Callable[[], wire.Inventory] = inventory_mod.collect_inventory,
+        collect_live: Callable[[], wire.Heartbeat] = inventory_mod.collect_live,
+        initial_inventory: wire.Inventory | None = None,
+        on_status: Callable[[LinkStatus], None] | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+        rng: random.Random | None = None,
+        agent_version: str = __version__,
+    ) -> None:
+        self.settings = settings
+        self._key = key
+        self._secret = secret
+        self._runner = runner
+        self._pin_path = Path(state_dir) / PIN_FILE
+        self._collect_inventory = collect_inventory
+        self._collect_live = collect_live
+        self._on_status = on_status
+        self._clock = clock
+        self._sleep = sleep
+        self._backoff = Backoff(settings.reconnect_initial_s, settings.reconnect_max_s, rng=rng)
+        self._agent_version = agent_version
+        self._inventory = initial_inventory
+        self._inventory_at = clock() if initial_inventory is not None else None
+        self._status = LinkStatus(state=LinkState.CONNECTING, url=settings.url)
+        self._task: asyncio.Task[None] | None = None
+        self._finished = asyncio.Event()
+        self._stopping = False
+        self._challenge_tasks: set[asyncio.Task[None]] = set()
+        self._auth_refusal: str | None = None
+        self._peer_error: wire.Error | None = None
+        self._expected: PeerIdentity | None = None
+        self._trust_source = ""
+        self._sent_fingerprint = b""
+
+    # -- public ------------------------------------------------------------------------------
+    @property
+    def status(self) -> LinkStatus:
+        return self._status
+
+    @property
+    def worker_id(self) -> str:
+        return self._key.worker_id
+
+    async def run(self) -> None:
+        """Connect, serve, reconnect... until :meth:`stop`. Returns after a clean shutdown."""
+        if self._task is not None:
+            raise RuntimeError("WorkerLink.run() is already running")
+        self._task = asyncio.current_task()
+        sweeper = asyncio.create_task(self._sweep_loop(), name="worker-sweep")
+        try:
+            async with aiohttp.ClientSession() as http:
+                while not self._stopping:
+                    await self._attempt(http)
+        except asyncio.CancelledError:
+            if not self._stopping:
+                raise
+            current = asyncio.current_task()
+            if current is not None:  # the cancel came from stop(): it is handled here
+                current.uncancel()
+        finally:
+            sweeper.cancel()
+            await self._cancel_challenges()
+            with contextlib.suppress(asyncio.CancelledError):
+                await sweeper
+            self._emit(dataclasses.replace(self._status, state=LinkState.STOPPED))
+            self._task = None
+            self._finished.set()
+
+    async def stop(self) -> None:
+        """Close the link (``GOING_AWAY`` to the miner) and make :meth:`run` return."""
+        self._stopping = True
+        task = self._task
+        if task is not None and task is not asyncio.current_task() and not task.done():
+            task.cancel()
+            # Wait for run()'s clean-up, not for its task: that task may go on to wait for us.
+            await self._finished.wait()
+
+    # -- one attempt -------------------------------------------------------------------------
+    async def _attempt(self, http: aiohttp.ClientSession) -> None:
+        self._emit(
+            dataclasses.replace(
+                self._status, state=LinkState.CONNECTING, reason=None, retry_in_s=None
+            )
+        )
+        registered_at: float | None = None
+        reason = "session ended"
+        try:
+            channel = await self._connect(http)
+            try:
+                ack_interval = await self._register(channel)
+                registered_at = self._clock()
+                self._on_registered(channel)
+                await self._serve(channel, ack_interval)
+            finally:
+                if self._stopping:
+                    await channel.close(CloseCode.GOING_AWAY, _SHUTDOWN_REASON)
+                else:
+                    await channel.close(CloseCode.NORMAL, "reconnecting")
+        except (_AttemptFailedError, _SessionEndedError) as exc:
+            reason = str(exc)
+        except Exception as exc:  # a bug must not end the worker's only link: back off, retry
+            log.exception("miner link: unexpected failure")
+            reason = f"internal error: {exc!r}"
+        if self._stopping:
+            return
+        lasted = None if registered_at is None else self._clock() - registered_at
+        if lasted is not None and lasted > self.settings.stable_after_s:
+            self._backoff.reset()
+        delay = self._backoff.next_delay()
+        failures = self._status.failures + 1 if lasted is None else 0
+        self._emit(
+            dataclasses.replace(
+                self._status,
+                state=LinkState.WAITING,
+                reason=reason,
+                retry_in_s=delay,
+                failures=failures,
+            )
+        )
+        fields = log_fields(miner_url=self.settings.url, retry_in_s=round(delay, 2))
+        if lasted is None:
+            log.warning(
+                "miner link: attempt %d failed: %s; retrying in %.1fs",
+                failures,
+                reason,
+                delay,
+                extra=fields,
+            )
+        else:
+            log.warning(
+                "miner link: disconnected after %.1fs: %s; reconnecting in %.1fs",
+                lasted,
+                reason,
+                delay,
+                extra=fields,
+            )
+        await self._sleep(delay)
+
+    def _authorize(self, peer: PeerIdentity) -> bool:
+        expected = self._expected
+        if expected is None or peer == expected:
+            return True
+        self._auth_refusal = (
+            f"refusing miner hotkey {peer.display}: this worker trusts only {expected.display} "
+            f"({self._trust_source})"
+        )
+        return False
+
+    async def _connect(self, http: aiohttp.ClientSession) -> Channel:
+        self._auth_refusal = None
+        self._peer_error = None
+        if self.settings.miner_hotkey is not None:
+            self._expected = PeerIdentity.from_ss58(self.settings.miner_hotkey)
+            self._trust_source = "the configured miner.hotkey"
+        else:
+            try:
+                self._expected = read_pin(self._pin_path)
+            except PinError as exc:
+                raise _AttemptFailedError(str(exc)) from None
+            self._trust_source = (
+                f"pinned in {self._pin_path} on first use; delete that file to trust another miner"
+            )
+        ssl: aiohttp.Fingerprint | None = None
+        if self.settings.tls_fingerprint is not None:
+            ssl = aiohttp.Fingerprint(self.settings.tls_fingerprint)
+        try:
+            return await dial(
+                http,
+                self.settings.url,
+                signer=self._key,
+                authorize=self._authorize,
+                prologue=PROLOGUE,
+                link=wire.Link.WORKER_MINER,
+                handshake_timeout=self.settings.connect_timeout_s,
+                ssl=ssl,
+                peer_kind=IdentityKind.SR25519,
+                close_timeout=self.settings.close_timeout_s,
+            )
+        except ChannelClosed as exc:
+            if self._auth_refusal is not None:
+                raise _AttemptFailedError(self._auth_refusal) from None
+            if exc.by_peer:
+                raise _AttemptFailedError(
+                    f"refused by miner during the handshake with {_closed_text(exc, None)}"
+                ) from None
+            raise _AttemptFailedError(f"handshake failed: {exc.reason}") from None
+        except aiohttp.ServerFingerprintMismatch as exc:
+            raise _AttemptFailedError(
+                f"TLS certificate fingerprint mismatch: the miner presented sha256 "
+                f"{exc.got.hex()}, miner.tls_fingerprint is {exc.expected.hex()}"
+            ) from None
+        except aiohttp.ClientSSLError as exc:
+            raise _AttemptFailedError(f"TLS failed: {exc}") from None
+        except aiohttp.ClientConnectorError as exc:
+            if isinstance(exc.os_error, ConnectionRefusedError):
+                raise _AttemptFailedError("connection refused") from None
+            detail = exc.os_error.strerror or str(exc.os_error) or str(exc)
+            raise _AttemptFailedError(f"cannot connect: {detail}") from None
+        except aiohttp.WSServerHandshakeError as exc:
+            raise _AttemptFailedError(
+                f"WebSocket upgrade refused: HTTP {exc.status} {exc.message}".rstrip()
+            ) from None
+        except TimeoutError:
+            raise _AttemptFailedError(
+                f"timed out after {self.settings.connect_timeout_s:g}s connecting"
+            ) from None
+        except (aiohttp.ClientError, OSError) as exc:
+            raise _AttemptFailedError(f"connection failed: {exc or type(exc).__name__}") from None
+
+    async def _register(self, channel: Channel) -> float:
+        """EnrollProof + Register, wait for the ack; the heartbeat interval the miner asks for."""
+        inventory = await self._current_inventory()
+        ids = itertools.count(1)
+        register_id = next(ids)
+        try:
+            await channel.send(
+                wire.EnrollProof(mac=enrollment_mac(self._secret, channel.channel_binding))
+            )
+            await channel.send(
+                wire.Register(
+                    worker_id=self._key.worker_id,
+                    agent_version=self._agent_version,
+                    inventory=inventory,
+                ),
+                id=register_id,
+            )
+            self._sent_fingerprint = inventory_mod.inventory_fingerprint(inventory)
+            async with asyncio.timeout(self.settings.register_timeout_s):
+                while True:
+                    frame = await channel.recv()
+                    msg = frame.msg
+                    if isinstance(msg, wire.RegisterAck):
+                        break
+                    if isinstance(msg, wire.Ping):
+                        await channel.send(wire.Pong(nonce=msg.nonce), id=frame.id)
+                    elif isinstance(msg, wire.Error):
+                        self._peer_error = msg  # reported with the attempt's failure
+                        log.debug(
+                            "miner refused the registration: %s: %s",
+                            msg.code.name,
+                            msg.message,
+                        )
+                    else:
+                        log.warning(
+                            "miner sent %s before acknowledging the registration; ignored",
+                            type(msg).__name__,
+                        )
+        except ChannelClosed as exc:
+            verb = "refused by miner" if exc.by_peer else "registration failed"
+            raise _AttemptFailedError(
+                f"{verb} with {_closed_text(exc, self._peer_error)}"
+            ) from None
+        except TimeoutError:
+            raise _AttemptFailedError(
+                f"the miner did not acknowledge the registration within "
+                f"{self.settings.register_timeout_s:g}s"
+            ) from None
+        if msg.worker_id != self._key.worker_id:
+            raise _AttemptFailedError(
+                f"the miner acknowledged worker {msg.worker_id}, not this worker "
+                f"({self._key.worker_id})"
+            )
+        return msg.heartbeat_interval_s
+
+    def _on_registered(self, channel: Channel) -> None:
+        miner = channel.peer
+        if self._expected is None and self.settings.miner_hotkey is None:
+            try:
+                write_pin(self._pin_path, miner)
+            except OSError as exc:
+                log.error("cannot write the miner pin %s: %s", self._pin_path, exc)
+            else:
+                log.info(
+                    "trusting miner %s from now on (pinned in %s)",
+                    miner.display,
+                    self._pin_path,
+                    extra=log_fields(miner=miner.display),
+                )
+        status = dataclasses.replace(
+            self._status,
+            state=LinkState.CONNECTED,
+            miner=miner.display,
+            reason=None,
+            retry_in_s=None,
+            failures=0,
+            sessions=self._status.sessions + 1,
+            ever_connected=True,
+        )
+        log.info(
+            "registered with miner %s at %s as worker %s",
+            miner.display,
+            self.settings.url,
+            self._key.worker_id,
+            extra=log_fields(miner=miner.display, worker_id=self._key.worker_id),
+        )
+        self._emit(status)
+
+    # -- steady state ------------------------------------------------------------------------
+    async def _serve(self, channel: Channel, ack_interval: float) -> None:
+        interval = min(self.settings.heartbeat_interval_s, ack_interval)
+        tasks = {
+            asyncio.create_task(self._receive(channel), name="worker-receive"),
+            asyncio.create_task(self._heartbeats(channel, interval), name="worker-heartbeat"),
+            asyncio.create_task(self._inventory_updates(channel), name="worker-inventory"),
+            asyncio.create_task(self._rotate(channel), name="worker-rotate"),
+        }
+        try:
+            done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+        finished = done.pop()
+        exc = finished.exception()
+        if isinstance(exc, _SessionEndedError):
+            raise exc
+        if isinstance(exc, ChannelClosed):
+            who = "closed by miner" if exc.by_peer else "closed"
+            raise _SessionEndedError(f"{who} with {_closed_text(exc, self._peer_error)}")
+        if exc is not None:
+            log.error("miner link: internal error", exc_info=exc)
+            raise _SessionEndedError(f"internal error: {exc!r}")
+        raise _SessionEndedError(f"{finished.get_name()} ended")
+
+    async def _receive(self, channel: Channel) -> None:
+        while True:
+            frame = await channel.recv()
+            msg = frame.msg
+            if isinstance(msg, wire.ChallengeRequest):
+                self._spawn(self._challenge(channel, frame.id, msg))
+            elif isinstance(msg, wire.RevealRequest):
+                self._spawn(self._reveal(channel, frame.id, msg))
+            elif isinstance(msg, wire.ChallengeRelease):
+                freed = self._runner.release(msg.challenge_id)
+                log.debug(
+                    "challenge %s released (%s)",
+                    msg.challenge_id.hex(),
+                    "freed" if freed else "nothing held",
+                )
+            elif isinstance(msg, wire.Ping):
+                await channel.send(wire.Pong(nonce=msg.nonce), id=frame.id)
+            elif isinstance(msg, wire.Error):
+                self._peer_error = msg
+                log.warning(
+                    "miner reported an error: %s: %s (ref %d)",
+                    msg.code.name,
+                    msg.message,
+                    msg.ref,
+                    extra=log_fields(error_code=int(msg.code), ref=msg.ref),
+                )
+            else:  # RegisterAck again: harmless
+                log.debug("ignoring %s from the miner", type(msg).__name__)
+
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.create_task(coro)
+        self._challenge_tasks.add(task)
+        task.add_done_callback(self._challenge_tasks.discard)
+
+    async def _challenge(self, channel: Channel, frame_id: int, req: wire.ChallengeRequest) -> None:
+        fields = log_fields(
+            challenge_id=req.challenge_id.hex(),
+            device=req.device_uuid,
+            n=req.n,
+            precision=req.precision,
+        )
+        try:
+            commit = await self._runner.run(req)
+        except ChallengeRefusedError as exc:
+            log.warning(
+                "challenge %s on %s refused: %s: %s",
+                req.challenge_id.hex(),
+                req.device_uuid,
+                exc.code.name,
+                exc,
+                extra=fields,
+            )
+            await self._send_error(channel, exc.code, str(exc), frame_id)
+            return
+        except Exception as exc:  # a bug must not kill the link; the miner gets an answer
+            log.exception("challenge %s failed", req.challenge_id.hex(), extra=fields)
+            await self._send_error(
+                channel, wire.ErrorCode.INTERNAL, f"internal error: {exc}", frame_id
+            )
+            return
+        try:
+            await channel.send(commit, id=frame_id)
+        except (ChannelClosed, wire.WireError) as exc:
+            # Nobody can ask for a reveal of a commitment that never arrived: free it now.
+            self._runner.release(req.challenge_id)
+            log.warning("could not send the commit of %s: %s", req.challenge_id.hex(), exc)
+            return
+        log.info(
+            "challenge %s on %s committed in %d ms",
+            req.challenge_id.hex(),
+            req.device_uuid,
+            commit.elapsed_ms,
+            extra=dict(fields, **log_fields(elapsed_ms=commit.elapsed_ms)),
+        )
+
+    async def _reveal(self, channel: Channel, frame_id: int, req: wire.RevealRequest) -> None:
+        try:
+            # Rows may come from device memory and Merkle paths take hashing: off the loop.
+            reveal = await asyncio.to_thread(self._runner.reveal, req)
+        except ChallengeRefusedError as exc:
+            log.warning("reveal of %s refused: %s: %s", req.challenge_id.hex(), exc.code.name, exc)
+            await self._send_error(channel, exc.code, str(exc), frame_id)
+            return
+        except Exception as exc:
+            log.exception("reveal of %s failed", req.challenge_id.hex())
+            await self._send_error(
+                channel, wire.ErrorCode.INTERNAL, f"internal error: {exc}", frame_id
+            )
+            return
+        try:
+            await channel.send(reveal, id=frame_id)
+        except wire.WireError as exc:  # e.g. too many rows of a huge n for one frame
+            await self._send_error(channel, wire.ErrorCode.CHALLENGE_INVALID, exc.message, frame_id)
+        except ChannelClosed as exc:
+            log.warning("could not send the reveal of %s: %s", req.challenge_id.hex(), exc)
+
+    async def _send_error(
+        self, channel: Channel, code: wire.ErrorCode, message: str, ref: int
+    ) -> None:
+        with contextlib.suppress(ChannelClosed):
+            await channel.send_error(code, message, ref=ref)
+
+    async def _heartbeats(self, channel: Channel, interval: float) -> None:
+        next_at = self._clock()
+        while True:
+            try:
+                heartbeat = await asyncio.to_thread(self._collect_live)
+            except Exception as exc:  # liveness matters more than metrics
+                log.warning("live metrics failed: %s", exc)
+                heartbeat = wire.Heartbeat(uptime_s=0.0, load1=0.0, mem_used_bytes=0)
+            await channel.send(heartbeat)
+            next_at += interval
+            now = self._clock()
+            if next_at <= now:  # fell behind (slow collection, loaded host): skip, no burst
+                next_at = now + interval
+            await self._sleep(next_at - now)
+
+    async def _current_inventory(self) -> wire.Inventory:
+        fresh = (
+            self._inventory is not None
+            and self._inventory_at is not None
+            and self._clock() - self._inventory_at < self.settings.inventory_interval_s
+        )
+        if not fresh:
+            await self._refresh_inventory()
+        assert self._inventory is not None
+        return self._inventory
+
+    async def _refresh_inventory(self) -> wire.Inventory | None:
+        try:
+            inventory = await asyncio.to_thread(self._collect_inventory)
+        except Exception:
+            log.exception("inventory collection failed")
+            if self._inventory is None:
+                self._inventory = wire.Inventory(cpu_model="unknown", cpu_cores=1, mem_bytes=0)
+                self._inventory_at = self._clock()
+            return None
+        self._inventory, self._inventory_at = inventory, self._clock()
+        return inventory
+
+    async def _inventory_updates(self, channel: Channel) -> None:
+        while True:
+            await self._sleep(self.settings.inventory_interval_s)
+            inventory = await self._refresh_inventory()
+            if inventory is None:
+                continue
+            fingerprint = inventory_mod.inventory_fingerprint(inventory)
+            if fingerprint == self._sent_fingerprint:
+                continue
+            await channel.send(wire.InventoryUpdate(inventory=inventory))
+            self._sent_fingerprint = fingerprint
+            log.info(
+                "inventory changed: sent an update (%d GPUs, %d disks, %d NICs)",
+                len(inventory.gpus),
+                len(inventory.disks),
+                len(inventory.nics),
+            )
+
+    async def _rotate(self, channel: Channel) -> None:
+        """Reconnect shortly before the session reaches its maximum age."""
+        remaining = channel.expires_at - time.monotonic() - _ROTATE_MARGIN_S
+        await self._sleep(max(0.0, remaining))
+        raise _SessionEndedError("session reached its maximum age; reconnecting for a new one")
+
+    async def _sweep_loop(self) -> None:
+        while True:
+            await self._sleep(self.settings.sweep_interval_s)
+            freed = self._runner.sweep()
+            if freed:
+                log.info("freed %d expired challenge result(s)", freed)
+
+    async def _cancel_challenges(self) -> None:
+        tasks = list(self._challenge_tasks)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    def _emit(self, status: LinkStatus) -> None:
+        self._status = status
+        if self._on_status is not None:
+            try:
+                self._on_status(status)
+            except Exception:
+                log.exception("link status callback failed")

@@ -1,0 +1,127 @@
+"""byteleap-worker as a real process under a fake systemd notify socket (NotifyHarness)."""
+
+from __future__ import annotations
+
+import os
+import socket
+import stat
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import msgspec
+import pytest
+
+from byteleap.core import wire
+from byteleap.core.challenge import cupy_backend
+from byteleap.core.config import load_config
+from byteleap.worker.agent import CPU_DEVICE, build_devices
+from byteleap.worker.config import ENV_PREFIX, ChallengeSettings, GpuSettings, WorkerConfig
+from tests.support.notify_harness import NotifyHarness
+
+AGENT = [sys.executable, "-m", "byteleap.worker.agent"]
+START_TIMEOUT = 30.0  # interpreter start-up and imports on a loaded 2-core machine
+
+
+def _closed_port() -> int:
+    """A loopback port with nothing listening (bound, then released)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+    return port
+
+
+def _write_config(tmp_path: Path, extra: str = "") -> Path:
+    secret = tmp_path / "enrollment.secret"
+    secret.write_text("0123456789abcdef0123456789abcdef\n")
+    secret.chmod(0o600)
+    config = tmp_path / "worker.yaml"
+    config.write_text(
+        f"state_dir: {tmp_path / 'state'}\n"
+        "heartbeat_interval_s: 1\n"
+        "miner:\n"
+        f"  url: ws://127.0.0.1:{_closed_port()}/worker\n"
+        f"  enrollment_secret_file: {secret}\n"
+        "  reconnect_initial_s: 0.1\n"
+        "  reconnect_max_s: 0.5\n"
+        "  connect_timeout_s: 2\n" + extra
+    )
+    return config
+
+
+def _env() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("BYTELEAP_WORKER")}
+    env.pop("CREDENTIALS_DIRECTORY", None)
+    return env
+
+
+def test_ready_watchdog_and_clean_stop_with_the_miner_unreachable(tmp_path: Path) -> None:
+    config = _write_config(tmp_path)
+    with NotifyHarness([*AGENT, "--config", str(config)], env=_env(), watchdog_sec=1) as h:
+        ready = h.wait_for("READY=1", timeout=START_TIMEOUT)
+        assert "miner unreachable" in ready.fields.get("STATUS", ""), ready.raw
+        assert "connection refused" in ready.fields["STATUS"]
+        assert ready.pid == h.pid
+
+        time.sleep(2.0)  # reconnect attempts keep failing meanwhile
+        gaps = h.watchdog_gaps()
+        assert len(h.watchdog_times()) >= 4, h.messages
+        assert max(gaps) < 1.0, gaps  # WatchdogSec=1: pings every ~0.5 s from the loop
+        assert any("miner unreachable" in line for line in h.status_lines()[1:])
+
+        assert h.terminate(timeout=20) == 0, h.output()
+        assert h.find("STOPPING=1")
+        output = h.output()
+    assert "retrying in" in output and "attempt 1 failed: connection refused" in output
+
+    state = tmp_path / "state"
+    assert stat.S_IMODE(state.stat().st_mode) == 0o700
+    assert stat.S_IMODE((state / "worker.key").stat().st_mode) == 0o600
+
+
+@pytest.mark.parametrize(
+    ("extra", "env", "expected"),
+    [
+        ("heartbeat_interval_s: 0\n", {}, "heartbeat_interval_s"),
+        ("", {"BYTELEAP_WORKER__MINER__URL": "http://miner:7799"}, "miner.url"),
+        ("", {"BYTELEAP_WORKER__MINER__TLS_FINGERPRINT": "ab" * 32}, "miner.tls_fingerprint"),
+        ("", {"BYTELEAP_WORKER__MINER__ENROLLMENT_SECRET_FILE": "/nonexistent"}, "/nonexistent"),
+    ],
+)
+def test_bad_configuration_exits_2_with_one_line(
+    tmp_path: Path, extra: str, env: dict[str, str], expected: str
+) -> None:
+    config = _write_config(tmp_path)
+    if extra:
+        config.write_text(config.read_text().replace("heartbeat_interval_s: 1\n", extra))
+    result = subprocess.run(
+        [*AGENT, "--config", str(config)],
+        env={**_env(), **env},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 2, result
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("byteleap-worker: ") and expected in lines[0]
+    assert "0123456789abcdef" not in result.stderr  # never the secret
+
+
+def test_challenge_devices_are_cpu_only_without_cuda_or_in_passthrough(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    inv = wire.Inventory(cpu_model="Test CPU", cpu_cores=2, mem_bytes=1 << 30)
+    cfg = load_config(None, WorkerConfig, env_prefix=ENV_PREFIX, environ={})
+    devices = build_devices(cfg, inv)
+    assert [(d.uuid, d.precisions) for d in devices] == [(CPU_DEVICE, frozenset({"fp32"}))]
+
+    # Even with CUDA present, passthrough GPUs belong to VMs and numpy means CPU only.
+    monkeypatch.setattr(cupy_backend, "is_available", lambda: True)
+    for changed in (
+        msgspec.structs.replace(cfg, gpu=GpuSettings(mode="passthrough")),
+        msgspec.structs.replace(cfg, challenge=ChallengeSettings(backend="numpy")),
+    ):
+        assert [d.uuid for d in build_devices(changed, inv)] == [CPU_DEVICE]
