@@ -12,6 +12,7 @@ from aiohttp import WSMsgType
 
 from byteleap.core import wire
 from byteleap.core.channel import ChannelClosed, CloseCode
+from byteleap.core.identity import WorkerKey
 
 from .conftest import WAIT, FakeWorker, MakeMiner, eventually, inventory
 
@@ -130,6 +131,23 @@ async def test_capacity_refuses_new_workers_with_a_reason(
     back = FakeWorker(key=first.key)
     await back.connect(http, miner.url)
     assert first.worker_id in miner.connections
+
+
+async def test_the_101st_worker_is_refused_at_the_default_limit(
+    make_miner: MakeMiner, http: aiohttp.ClientSession
+) -> None:
+    miner = await make_miner()
+    assert miner.config.policy.max_workers == 100
+    for _ in range(100):  # 100 workers enrolled earlier (the registry is what counts)
+        miner.registry.enroll(WorkerKey.generate().identity.public_key, "1")
+    late = FakeWorker()
+    with pytest.raises(ChannelClosed):
+        await late.connect(http, miner.url)
+    assert late.closed is not None and late.closed.code == CloseCode.CAPACITY_REACHED
+    (error,) = [f.msg for f in late.received if isinstance(f.msg, wire.Error)]
+    assert error.code == wire.ErrorCode.CAPACITY_REACHED
+    assert "maximum 100" in error.message
+    assert miner.registry.count() == 100 and miner.registry.get(late.worker_id) is None
 
 
 async def _raw_ws(channel: object) -> aiohttp.ClientWebSocketResponse:
