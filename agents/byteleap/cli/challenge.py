@@ -13,7 +13,8 @@ from rich.console import Console
 from rich.table import Table
 
 from ..core.challenge import ChallengeError, ChallengeSpec, draw_sample, get_backend, prove, verify
-from ..core.challenge.prover import ProvenChallenge, available_backends
+from ..core.challenge.prover import available_backends
+from ..core.challenge.simulate import skipping_prover
 from ..core.challenge.spec import PRECISIONS
 
 app = typer.Typer(help="Run the proof-of-compute challenge locally.", no_args_is_help=True)
@@ -29,17 +30,6 @@ def _spec(n: int, device: str, precision: str) -> ChallengeSpec:
         n=n,
         precision=precision,  # type: ignore[arg-type]  # checked against PRECISIONS below
     )
-
-
-def _skipping_prover(honest: ProvenChallenge, skip_fraction: float) -> ProvenChallenge:
-    """A cheater that committed to garbage for a fraction of the rows."""
-    spec = honest.spec
-    rows = np.stack([np.frombuffer(r.values, "<f4") for r in honest.reveal(range(spec.n))])
-    rng = np.random.default_rng()
-    skipped = rng.permutation(spec.n)[: int(skip_fraction * spec.n)]
-    bound = 4**spec.value_bits * 8
-    rows[skipped] = rng.integers(-bound, bound, (len(skipped), spec.n)).astype(np.float32)
-    return ProvenChallenge.from_host_rows(spec, rows, "cheater")
 
 
 @app.command()
@@ -106,7 +96,7 @@ def demo(
     proof.release()
 
     if 0 < cheater_skip < 1 and chosen == "numpy":
-        cheat = _skipping_prover(prove(spec), cheater_skip)
+        cheat = skipping_prover(prove(spec), cheater_skip, np.random.default_rng())
         caught = 0
         trials = 20
         rng = random.SystemRandom()
