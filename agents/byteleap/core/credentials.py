@@ -10,12 +10,13 @@ from __future__ import annotations
 import hashlib
 import hmac
 import os
-import secrets
-import stat
 from collections.abc import Mapping
 from pathlib import Path
 
+from .files import PrivateFileError, read_private_file
+
 MIN_SECRET_BYTES = 16
+MAX_SECRET_BYTES = 4096
 
 
 class CredentialError(Exception):
@@ -40,43 +41,12 @@ def read_secret(
     """The secret's bytes (surrounding whitespace stripped)."""
     path = credential_path(name, fallback, os.environ if env is None else env)
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-    except FileNotFoundError:
-        raise CredentialError(f"{path}: secret file not found") from None
-    except OSError as exc:
-        raise CredentialError(f"{path}: cannot open secret file: {exc.strerror}") from None
-    try:
-        info = os.fstat(fd)
-        if not stat.S_ISREG(info.st_mode):
-            raise CredentialError(f"{path}: not a regular file")
-        if info.st_mode & 0o077:
-            raise CredentialError(
-                f"{path}: readable by group or others (mode {stat.S_IMODE(info.st_mode):04o}); "
-                f"run 'chmod 600 {path}'"
-            )
-        data = os.read(fd, 65536).strip()
-    finally:
-        os.close(fd)
+        data = read_private_file(path, MAX_SECRET_BYTES, what="secret file").strip()
+    except PrivateFileError as exc:
+        raise CredentialError(str(exc)) from None
     if len(data) < MIN_SECRET_BYTES:
         raise CredentialError(f"{path}: secret is shorter than {MIN_SECRET_BYTES} bytes")
     return data
-
-
-def write_new_secret(path: str | Path, *, nbytes: int = 32) -> bool:
-    """Create a random hex secret with mode 0600 unless the file exists; True if created."""
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-    except FileExistsError:
-        return False
-    try:
-        os.fchmod(fd, 0o600)
-        os.write(fd, secrets.token_hex(nbytes).encode() + b"\n")
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    return True
 
 
 def enrollment_mac(secret: bytes, channel_binding: bytes) -> bytes:

@@ -18,12 +18,9 @@ operators can inspect it with ``openssl pkey -in worker.key -pubout``.
 
 from __future__ import annotations
 
-import contextlib
 import enum
 import hashlib
 import os
-import secrets
-import stat
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
@@ -35,6 +32,8 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import (
     Ed25519PrivateKey,
     Ed25519PublicKey,
 )
+
+from byteleap.core.files import PrivateFileError, read_private_file, write_new_file
 
 __all__ = [
     "SS58_FORMAT",
@@ -192,29 +191,9 @@ class WorkerKey:
         """Load an existing key file, refusing unsafe permissions or a corrupted file."""
         key_path = Path(path)
         try:
-            fd = os.open(key_path, os.O_RDONLY | os.O_CLOEXEC)
-        except FileNotFoundError as exc:
-            raise KeyFileError(f"worker key file {key_path} does not exist") from exc
-        except OSError as exc:
-            raise KeyFileError(f"cannot open worker key file {key_path}: {exc.strerror}") from exc
-        try:
-            st = os.fstat(fd)
-            if not stat.S_ISREG(st.st_mode):
-                raise KeyFileError(f"worker key file {key_path} is not a regular file")
-            mode = stat.S_IMODE(st.st_mode)
-            if mode & 0o077:
-                raise KeyFileError(
-                    f"worker key file {key_path} has mode {mode:04o}: it must not be accessible "
-                    f"by group or other (fix with: chmod 600 {key_path})"
-                )
-            if st.st_size > _MAX_KEY_FILE_BYTES:
-                raise KeyFileError(f"worker key file {key_path} is corrupted (too large)")
-            with os.fdopen(fd, "rb", closefd=False) as fh:
-                data = fh.read(_MAX_KEY_FILE_BYTES + 1)
-        except OSError as exc:
-            raise KeyFileError(f"cannot read worker key file {key_path}: {exc.strerror}") from exc
-        finally:
-            os.close(fd)
+            data = read_private_file(key_path, _MAX_KEY_FILE_BYTES, what="worker key file")
+        except PrivateFileError as exc:
+            raise KeyFileError(str(exc)) from None
         return cls(_parse_private_key(data, key_path))
 
     @classmethod
@@ -238,7 +217,7 @@ class WorkerKey:
             ) from exc
         key = cls.generate()
         try:
-            created = _write_new_file(key_path, key._private_bytes())
+            created = write_new_file(key_path, key._private_bytes())
         except OSError as exc:
             raise KeyFileError(
                 f"cannot write worker key file {key_path}: {exc.strerror or exc}"
@@ -280,46 +259,6 @@ def _parse_private_key(data: bytes, key_path: Path) -> Ed25519PrivateKey:
     if not isinstance(private_key, Ed25519PrivateKey):
         raise KeyFileError(corrupted)
     return private_key
-
-
-def _write_new_file(path: Path, data: bytes) -> bool:
-    """Atomically create ``path`` with ``data`` and mode 0600; False if it already existed."""
-    directory = path.parent
-    tmp = directory / f".{path.name}.{secrets.token_hex(8)}.tmp"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
-    try:
-        try:
-            os.fchmod(fd, 0o600)  # exact, whatever the umask
-            view = memoryview(data)
-            while view:
-                written = os.write(fd, view)
-                view = view[written:]
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        try:
-            os.link(tmp, path)  # no-clobber, unlike rename
-            created = True
-        except FileExistsError:
-            created = False
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
-    _fsync_directory(directory)
-    return created
-
-
-def _fsync_directory(directory: Path) -> None:
-    try:
-        dfd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    except OSError:  # pragma: no cover - e.g. directory not readable; the data fsync still held
-        return
-    try:
-        os.fsync(dfd)
-    except OSError:  # pragma: no cover - some filesystems refuse fsync on directories
-        pass
-    finally:
-        os.close(dfd)
 
 
 class HotkeySigner:

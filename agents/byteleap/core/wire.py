@@ -63,7 +63,7 @@ import msgspec
 from msgspec import Meta
 
 from .challenge import spec as _challenge
-from .challenge.spec import Precision
+from .challenge.spec import ChallengeSpec, Precision
 
 __all__ = [
     "MAX_BATCH_DEVICES",
@@ -88,6 +88,7 @@ __all__ = [
     "ChallengeRelease",
     "ChallengeRequest",
     "ChallengeReveal",
+    "CodedError",
     "DeadlineMs",
     "DeviceChallenge",
     "DeviceCommit",
@@ -404,6 +405,35 @@ class ChallengeRequest(Message, tag="challenge_request", frozen=True, kw_only=Tr
     precision: Precision
     deadline_ms: DeadlineMs
 
+    @classmethod
+    def from_spec(cls, spec: ChallengeSpec, deadline_ms: int) -> ChallengeRequest:
+        """The request that asks a worker to prove ``spec`` (its worker id is the recipient)."""
+        return cls(
+            challenge_id=spec.challenge_id,
+            seed=spec.seed,
+            miner_hotkey=spec.miner_hotkey,
+            device_uuid=spec.device_uuid,
+            n=spec.n,
+            precision=spec.precision,
+            deadline_ms=deadline_ms,
+        )
+
+    def spec(self, worker_id: str) -> ChallengeSpec:
+        """The challenge this request describes, for the worker ``worker_id`` that received it.
+
+        Raises ``ChallengeError`` for a request no prover can run (e.g. built without
+        decoding, so the wire constraints were not checked).
+        """
+        return ChallengeSpec(
+            challenge_id=self.challenge_id,
+            seed=self.seed,
+            miner_hotkey=self.miner_hotkey,
+            worker_id=worker_id,
+            device_uuid=self.device_uuid,
+            n=self.n,
+            precision=self.precision,
+        )
+
 
 class RevealRequest(Message, tag="reveal_request", frozen=True, kw_only=True):
     challenge_id: ChallengeId
@@ -496,15 +526,7 @@ class DeviceChallenge(_Struct, frozen=True, kw_only=True):
 
     def request(self) -> ChallengeRequest:
         """The message the miner forwards to the worker."""
-        return ChallengeRequest(
-            challenge_id=self.challenge_id,
-            seed=self.seed,
-            miner_hotkey=self.miner_hotkey,
-            device_uuid=self.device_uuid,
-            n=self.n,
-            precision=self.precision,
-            deadline_ms=self.deadline_ms,
-        )
+        return ChallengeRequest(**{f: getattr(self, f) for f in ChallengeRequest.__struct_fields__})
 
 
 class ChallengeBatch(Message, tag="challenge_batch", frozen=True, kw_only=True):
@@ -673,7 +695,28 @@ _TAG_DECODER: Final = msgspec.msgpack.Decoder(_TagProbe)
 _INT_DECODER: Final = msgspec.msgpack.Decoder(int)
 
 
-class WireError(Exception):
+class CodedError(Exception):
+    """A refusal that maps to a wire :class:`Error`: ``code`` for the peer, ``message`` for people.
+
+    Base of every agent-side refusal (registry, relay, challenge runner) so each one reports
+    itself to the peer the same way.
+    """
+
+    def __init__(self, code: ErrorCode, message: str, *, ref: int = 0) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.ref = ref
+
+    def to_error(self, ref: int | None = None) -> Error:
+        """The :class:`Error` message that reports this to the peer (message length-capped)."""
+        message = self.message
+        if len(message) > MAX_ERROR_MESSAGE:
+            message = message[: MAX_ERROR_MESSAGE - 3] + "..."
+        return Error(code=self.code, message=message, ref=self.ref if ref is None else ref)
+
+
+class WireError(CodedError):
     """A frame that cannot be accepted. ``code`` is what to send back in an :class:`Error`.
 
     ``ref`` is the refused frame's id when it could be read (else 0); ``peer_version`` is the
@@ -683,18 +726,9 @@ class WireError(Exception):
     def __init__(
         self, code: ErrorCode, message: str, *, ref: int = 0, peer_version: int | None = None
     ) -> None:
-        super().__init__(f"{code.name}: {message}")
-        self.code = code
-        self.message = message
-        self.ref = ref
+        super().__init__(code, message, ref=ref)
+        self.args = (f"{code.name}: {message}",)
         self.peer_version = peer_version
-
-    def to_error(self) -> Error:
-        """The :class:`Error` message that reports this to the peer."""
-        message = self.message
-        if len(message) > MAX_ERROR_MESSAGE:
-            message = message[: MAX_ERROR_MESSAGE - 3] + "..."
-        return Error(code=self.code, message=message, ref=self.ref)
 
 
 def message_types(link: Link, direction: Direction) -> tuple[type[Message], ...]:
