@@ -2,8 +2,8 @@
 
 Covers the issue's end-to-end contract: workers enroll and heartbeat, a CPU challenge runs end to
 end (commit, reveal, verify with core's verifier) while the worker keeps its watchdog pings, a
-kill -9 of the miner is survived (workers reconnect and resume within 15 s), and a restarted worker
-keeps its worker_id.
+kill -9 of the miner is survived (workers reconnect and resume within 15 s, with the default
+reconnect settings), and a restarted worker keeps its worker_id.
 """
 
 from __future__ import annotations
@@ -11,8 +11,6 @@ from __future__ import annotations
 import asyncio
 import itertools
 import signal
-import socket
-import sys
 import tempfile
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -23,6 +21,7 @@ from typing import Any
 import aiohttp
 import pytest
 
+from tests.support.fixtures import agent_command, free_port, write_secret
 from tests.support.notify_harness import NotifyHarness
 
 pytestmark = pytest.mark.slow
@@ -30,6 +29,9 @@ pytestmark = pytest.mark.slow
 SECRET = b"e2e-enrollment-secret-0123456789abcdef"
 START = 60.0
 RECONNECT_LIMIT_S = 15.0
+WORKER_WATCHDOG_S = 1.0
+MINER_WATCHDOG_S = 3.0
+CHALLENGE_N = 5120  # ~3.7 s on 2 cores (4096: ~1.2 s): several worker watchdog periods
 
 
 @pytest.fixture
@@ -38,32 +40,19 @@ def home() -> Iterator[Path]:
         yield Path(name)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _secret(path: Path) -> Path:
-    path.write_bytes(SECRET + b"\n")
-    path.chmod(0o600)
-    return path
-
-
 def _miner(home: Path, port: int) -> list[str]:
     config = home / "miner.yaml"
     config.write_text(
         f"state_dir: {home / 'miner'}\n"
         f"workers: {{host: 127.0.0.1, port: {port}}}\n"
         "policy:\n"
-        f"  enrollment_secret_file: {_secret(home / 'miner.secret')}\n"
+        f"  enrollment_secret_file: {write_secret(home / 'miner.secret', SECRET)}\n"
         "  heartbeat_interval_s: 1\n"
         "  heartbeat_timeout_s: 10\n"
     )
-    return [
-        sys.executable, "-m", "byteleap.miner.agent", "--config", str(config),
-        "--hotkey-uri", "//Alice", "--control-socket", str(home / "control.sock"),
-    ]  # fmt: skip
+    return agent_command(
+        "miner", config, "--hotkey-uri", "//Alice", "--control-socket", str(home / "control.sock")
+    )
 
 
 def _worker(home: Path, name: str, port: int) -> list[str]:
@@ -72,14 +61,12 @@ def _worker(home: Path, name: str, port: int) -> list[str]:
         f"state_dir: {home / name}\n"
         "miner:\n"
         f"  url: ws://127.0.0.1:{port}/worker\n"
-        f"  enrollment_secret_file: {_secret(home / (name + '.secret'))}\n"
-        "  reconnect_initial_s: 0.2\n"
-        "  reconnect_max_s: 2\n"
+        f"  enrollment_secret_file: {write_secret(home / (name + '.secret'), SECRET)}\n"
         "heartbeat_interval_s: 1\n"
         "challenge: {backend: numpy}\n"
         "gpu: {mode: host}\n"
-    )
-    return [sys.executable, "-m", "byteleap.worker.agent", "--config", str(config)]
+    )  # the reconnect settings are the defaults: they must bring workers back within 15 s
+    return agent_command("worker", config)
 
 
 @pytest.fixture
@@ -111,18 +98,24 @@ async def _wait_online(control: aiohttp.ClientSession, count: int, within: float
 async def test_workers_and_miner_as_real_processes(
     home: Path, control: aiohttp.ClientSession
 ) -> None:
-    port = _free_port()
+    port = free_port()
     env = {"PYTHONUNBUFFERED": "1"}
     with ExitStack() as stack:
-        miner = stack.enter_context(NotifyHarness(_miner(home, port), env=env, watchdog_sec=3))
+
+        def worker(name: str) -> NotifyHarness:
+            cmd = _worker(home, name, port)
+            return stack.enter_context(NotifyHarness(cmd, env=env, watchdog_sec=WORKER_WATCHDOG_S))
+
+        def miner_process() -> NotifyHarness:
+            cmd = _miner(home, port)
+            return stack.enter_context(NotifyHarness(cmd, env=env, watchdog_sec=MINER_WATCHDOG_S))
+
+        miner = miner_process()
         await asyncio.to_thread(miner.wait_for, "READY=1", START)
-        workers = [
-            stack.enter_context(NotifyHarness(_worker(home, n, port), env=env, watchdog_sec=1))
-            for n in ("w1", "w2")
-        ]
+        workers = [worker(n) for n in ("w1", "w2")]
         for w in workers:
             ready = await asyncio.to_thread(w.wait_for, "READY=1", START)
-            assert "STATUS" in ready.fields
+            assert ready.fields.get("STATUS", "").startswith("connected to miner"), ready.raw
         ids = await _wait_online(control, 2, START)
 
         # A CPU challenge end to end, verified by the miner's control endpoint with core.verify;
@@ -130,26 +123,34 @@ async def test_workers_and_miner_as_real_processes(
         first = sorted(ids)[0]
         await asyncio.sleep(1.5)  # a few pings before the challenge
         started = time.monotonic()
-        body = {"worker_id": first, "device_uuid": "cpu-0", "n": 4096}
+        body = {"worker_id": first, "device_uuid": "cpu-0", "n": CHALLENGE_N}
         async with control.post("http://miner/challenge", json=body) as response:
             assert response.status == 200, await response.text()
             result = await response.json()
         finished = time.monotonic()
         assert result["verdict"]["ok"] is True, result
+        # Long enough that a blocked loop would have missed the watchdog.
+        assert result["worker_elapsed_ms"] > 1000 * WORKER_WATCHDOG_S, result
         await asyncio.sleep(1.8)
-        for harness, period in ((workers[0], 1.0), (workers[1], 1.0), (miner, 3.0)):
+        for harness, period in (
+            (workers[0], WORKER_WATCHDOG_S),
+            (workers[1], WORKER_WATCHDOG_S),
+            (miner, MINER_WATCHDOG_S),
+        ):
             window = period * 0.6
             pings = [
                 t for t in harness.watchdog_times() if started - window <= t <= finished + window
             ]
             assert len(pings) >= 2, pings
             assert max(b - a for a, b in itertools.pairwise(pings)) < period, pings
+        for harness in workers:
+            assert "event loop was blocked" not in harness.output(), harness.output()
 
         # kill -9 the miner, start it again: both workers are back within 15 s.
         miner.send_signal(signal.SIGKILL)
         await asyncio.to_thread(miner.proc.wait, 10)
         killed_at = time.monotonic()
-        miner2 = stack.enter_context(NotifyHarness(_miner(home, port), env=env, watchdog_sec=3))
+        miner2 = miner_process()
         await asyncio.to_thread(miner2.wait_for, "READY=1", START)
         back = await _wait_online(control, 2, RECONNECT_LIMIT_S)
         assert back == ids
@@ -158,9 +159,7 @@ async def test_workers_and_miner_as_real_processes(
         # A restarted worker keeps its identity (and its enrollment).
         assert await asyncio.to_thread(workers[0].terminate) == 0
         assert workers[0].find("STOPPING=1")
-        restarted = stack.enter_context(
-            NotifyHarness(_worker(home, "w1", port), env=env, watchdog_sec=1)
-        )
+        restarted = worker("w1")
         await asyncio.to_thread(restarted.wait_for, "READY=1", START)
         assert await _wait_online(control, 2, START) == ids
         async with control.get("http://miner/workers") as response:

@@ -20,6 +20,7 @@ from byteleap.core.channel import (
     CloseCode,
     RateLimiter,
     accept,
+    close_reason,
     dial,
     inbound_max_msg_size,
 )
@@ -212,13 +213,61 @@ async def test_send_refuses_wrong_direction_and_oversize_locally(
         await channel.send(wire.Ping(nonce=1))  # Ping only travels down on this link
     assert info.value.code is wire.ErrorCode.UNKNOWN_MESSAGE
     assert not channel.closed
+    # One byte over the upstream limit of this link (the encoder does not check field bounds).
+    limit = wire.max_frame_bytes(LINK, wire.Direction.UP)
+    oversize = wire.Error(code=wire.ErrorCode.INTERNAL, message="")
+    overhead = len(wire.encode(wire.Frame(msg=oversize)))
+    oversize = wire.Error(code=wire.ErrorCode.INTERNAL, message="x" * (limit - overhead + 8))
+    assert len(wire.encode(wire.Frame(msg=oversize))) > limit
+    with pytest.raises(wire.WireError) as info:
+        await channel.send(oversize)
+    assert info.value.code is wire.ErrorCode.FRAME_TOO_LARGE
+    assert not channel.closed
     await channel.send_error(wire.ErrorCode.INTERNAL, "x" * 2000, ref=3)
     await channel.close()
     await _next_close(server)
-    (frame,) = server.frames
+    (frame,) = server.frames  # the peer saw only the error: nothing of the refused sends
     assert frame.id == 3
     assert isinstance(frame.msg, wire.Error) and frame.msg.code is wire.ErrorCode.INTERNAL
     assert len(frame.msg.message) == wire.MAX_ERROR_MESSAGE
+    assert frame.msg.message.endswith("...")
+
+
+async def test_session_limits_fit_the_link_per_direction(
+    make_server: Callable[..., Awaitable[Server]], http: aiohttp.ClientSession
+) -> None:
+    """Each end seals up to its outbound limit and opens up to its inbound one (worker->miner is
+    8 MiB, miner->worker 64 KiB), and a caller's smaller limit in its config still holds."""
+    accepted: asyncio.Queue[SessionConfig] = asyncio.Queue()
+
+    async def serve(channel: Channel) -> None:
+        await accepted.put(channel._session.config)
+        while True:
+            await channel.recv()
+
+    server, channel = await _established(make_server, http, serve=serve)
+    up = wire.max_frame_bytes(LINK, wire.Direction.UP) + FRAME_OVERHEAD
+    down = wire.max_frame_bytes(LINK, wire.Direction.DOWN) + FRAME_OVERHEAD
+    assert up != down
+    client_config = channel._session.config
+    assert (client_config.max_seal_bytes, client_config.max_open_bytes) == (up, down)
+    server_config = await asyncio.wait_for(accepted.get(), WAIT)
+    assert (server_config.max_seal_bytes, server_config.max_open_bytes) == (down, up)
+    await channel.close()
+
+    small = SessionConfig(max_seal_bytes=FRAME_OVERHEAD + 200, max_open_bytes=FRAME_OVERHEAD + 300)
+    channel = await _dial(http, server, config=small)
+    config = channel._session.config
+    assert (config.max_seal_bytes, config.max_open_bytes) == (
+        small.max_seal_bytes,
+        small.max_open_bytes,
+    )
+    with pytest.raises(wire.WireError) as info:  # refused locally, before the session refuses it
+        await channel.send_error(wire.ErrorCode.INTERNAL, "x" * 250)
+    assert info.value.code is wire.ErrorCode.FRAME_TOO_LARGE
+    assert not channel.closed
+    await channel.send_error(wire.ErrorCode.INTERNAL, "fits")
+    await channel.close()
 
 
 # ------------------------------------------------------------------------------------------------
@@ -383,6 +432,11 @@ async def test_transport_limit_is_the_link_limit_plus_overhead(
 ) -> None:
     largest = wire.WORKER_TO_MINER_MAX_BYTES + FRAME_OVERHEAD
     assert inbound_max_msg_size(LINK, wire.Direction.UP, SessionConfig()) == largest + 1
+    # a smaller max_open_bytes lowers it, never below room for a handshake message
+    config = SessionConfig(max_open_bytes=5000)
+    assert inbound_max_msg_size(LINK, wire.Direction.UP, config) == 5001
+    config = SessionConfig(max_open_bytes=100, max_handshake_bytes=1024)
+    assert inbound_max_msg_size(LINK, wire.Direction.UP, config) == 1025
     # Exactly the largest legal frame passes the transport and reaches authentication...
     _server, channel = await _established(make_server, http)
     await channel._ws.send_bytes(b"\x01" + bytes(largest - 1))
@@ -524,6 +578,24 @@ def test_rate_limiter_token_bucket() -> None:
         RateLimiter(rate_per_s=0, burst=1)
     with pytest.raises(ValueError):
         RateLimiter(rate_per_s=1, burst=0)
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("", ""),
+        ("short reason", "short reason"),
+        ("x" * 123, "x" * 123),  # exactly the limit: unchanged
+        ("x" * 124, "x" * 120 + "..."),
+        ("é" * 70, "é" * 60 + "..."),  # 2-byte characters: 120 bytes, then the marker
+        ("ab" + "€" * 50, "ab" + "€" * 39 + "..."),  # 3-byte characters never split
+        ("bad \udc80 surrogate", "bad ? surrogate"),
+    ],
+)
+def test_close_reason_fits_a_close_frame(text: str, expected: str) -> None:
+    reason = close_reason(text)
+    assert reason == expected
+    assert len(reason.encode()) <= 123
 
 
 def test_close_codes_are_private_range_and_distinct() -> None:

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import re
 import textwrap
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 import msgspec
+import msgspec.inspect as mi
 import pytest
+import yaml
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from msgspec import Meta
@@ -18,7 +21,6 @@ from byteleap.core.config import (
     LoggingConfig,
     Port,
     PositiveSeconds,
-    is_secret_key,
     load_config,
 )
 
@@ -365,20 +367,27 @@ def test_non_secret_values_are_shown(tmp_path: Path) -> None:
     assert "got 70000" in str(error(None, {"BYTELEAP_WORKER__METRICS_PORT": "70000"}))
 
 
-@pytest.mark.parametrize(
-    ("name", "secret"),
-    [
-        ("enrollment_secret", True),
-        ("Password", True),
-        ("api_token", True),
-        ("hotkey", True),
-        ("key_file", True),
-        ("url", False),
-        ("metrics_port", False),
-    ],
-)
-def test_is_secret_key(name: str, secret: bool) -> None:
-    assert is_secret_key(name) is secret
+class Db(ConfigStruct, frozen=True, kw_only=True):
+    db_passwd: Annotated[str, Meta(max_length=8)] = ""
+    smtp_passwd: int = 0
+
+
+def test_passwd_values_are_not_echoed(tmp_path: Path) -> None:
+    """Config errors hide values by the same rule as log redaction (``passwd`` included)."""
+    errors: list[ConfigError] = []
+    for text, env in [
+        (f"db_passwd: {SECRET}\n", {}),
+        (f"smtp_passwd: {SECRET}\n", {}),
+        (None, {"X__SMTP_PASSWD": SECRET}),
+        (None, {"X__DB_PASSWD": SECRET}),
+    ]:
+        path = write(tmp_path, text) if text is not None else None
+        with pytest.raises(ConfigError) as info:
+            load_config(path, Db, env_prefix="X", environ=env)
+        errors.append(info.value)
+    for err in errors:
+        assert SECRET not in str(err), str(err)
+    assert "expected int" in str(errors[1])
 
 
 # ------------------------------------------------------------------------------------------------
@@ -415,17 +424,69 @@ def test_env_values_round_trip(
     assert cfg == Flat(count=count, ratio=ratio, enabled=enabled, name=name, items=items)
 
 
-@settings(max_examples=100, deadline=None)
-@given(text=st.text(max_size=200))
+def _schema_keys(t: mi.Type) -> set[str]:
+    """Every field name anywhere in a schema (sections, list items, dict values)."""
+    if isinstance(t, mi.StructType):
+        return {f.encode_name for f in t.fields}.union(*(_schema_keys(f.type) for f in t.fields))
+    if isinstance(t, mi.ListType | mi.DictType):
+        return _schema_keys(t.item_type if isinstance(t, mi.ListType) else t.value_type)
+    if isinstance(t, mi.UnionType):
+        return set().union(*(_schema_keys(m) for m in t.types))
+    return set()
+
+
+# Keys of any level at any level, plus a few unknown ones: reaches unknown keys, wrong types,
+# wrong sections, missing required keys (peers) and valid documents alike.
+_KEYS = st.sampled_from(
+    sorted(_schema_keys(mi.type_info(WorkerConfig)) | {"bogus", "ur1", "Miner", "port_"})
+)
+_SCALARS = (
+    st.none()
+    | st.booleans()
+    | st.integers(-(2**70), 2**70)
+    | st.integers(0, 70_000)
+    | st.floats()
+    | st.text(max_size=10)
+    | st.sampled_from(["debug", "auto", "ws://x", "5Fabc", "[1", "{a: 1}"])
+)
+_VALUES = st.recursive(
+    _SCALARS,
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(_KEYS, inner, max_size=4),
+    max_leaves=16,
+)
+_TOP_KEYS = st.sampled_from(sorted(WorkerConfig.__struct_fields__))
+_DOCUMENTS = st.dictionaries(_TOP_KEYS | _KEYS, _VALUES, max_size=6)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    content=st.one_of(
+        _DOCUMENTS.map(lambda doc: ("mapping", doc)),
+        st.text(max_size=200).map(lambda text: ("text", text)),
+        st.binary(max_size=200).map(lambda data: ("bytes", data)),
+    )
+)
 def test_arbitrary_file_content_raises_only_config_error(
-    tmp_path_factory: pytest.TempPathFactory, text: str
+    tmp_path_factory: pytest.TempPathFactory, content: tuple[str, Any]
 ) -> None:
+    kind, value = content
     path = tmp_path_factory.mktemp("cfg") / "worker.yaml"
-    path.write_text(text, encoding="utf-8", errors="surrogatepass")
+    if kind == "mapping":
+        path.write_text(yaml.safe_dump(value, allow_unicode=True), encoding="utf-8")
+    elif kind == "text":
+        path.write_text(value, encoding="utf-8")
+    else:
+        path.write_bytes(value)
     try:
-        load(path)
+        cfg = load(path)
     except ConfigError as exc:
         assert exc.source == str(path)
+        assert str(exc).startswith(str(path))
+        if kind == "mapping" and exc.key_path:
+            # the error names a key of the document (or one missing inside it)
+            assert re.split(r"[.\[]", exc.key_path)[0] in value, exc.key_path
+    else:
+        assert isinstance(cfg, WorkerConfig)
 
 
 def test_env_values_are_parsed_by_target_type() -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -101,8 +102,13 @@ def test_journal_selected_when_journal_stream_names_stderr(
         logging.getLogger("byteleap.validator.test").warning(
             "weights set", extra=log_fields(round=17, hotkey_seed="abc", worker_id=None)
         )
+        # extra= without log_fields(): the handler's filter redacts before the journal sees it
+        mid = uuid.UUID(int=0xC0FFEE)
+        logging.getLogger("byteleap.validator.test").info(
+            "raw", extra={"DB_PASSWD": "pw", "MESSAGE_ID": mid.hex}
+        )
     assert (tmp_path / "stderr").read_text() == ""
-    assert len(sent) == 1
+    assert len(sent) == 2
     msg = sent[0]
     assert msg["MESSAGE"] == "weights set"
     assert msg["SYSLOG_IDENTIFIER"] == "validator"
@@ -110,6 +116,8 @@ def test_journal_selected_when_journal_stream_names_stderr(
     assert msg["ROUND"] == 17
     assert msg["HOTKEY_SEED"] == REDACTED
     assert "WORKER_ID" not in msg
+    assert sent[1]["DB_PASSWD"] == REDACTED
+    assert sent[1]["MESSAGE_ID"] == mid.hex
 
 
 def test_journal_stream_must_match_stderr(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -140,6 +148,18 @@ def test_log_fields() -> None:
         log_fields(**{"bad-name": 1})
 
 
+def test_message_id_is_a_field_everywhere(capsys: pytest.CaptureFixture[str]) -> None:
+    mid = uuid.UUID("5f1e6b2a-0c4d-4e8f-9a7b-3c2d1e0f9a8b")
+    assert log_fields(message_id=mid) == {"MESSAGE_ID": mid.hex}
+    assert log_fields(message_id=mid.hex.upper()) == {"MESSAGE_ID": mid.hex}
+    for bad in ("not-an-id", str(mid), 7):
+        with pytest.raises(ValueError, match="message_id"):
+            log_fields(message_id=bad)
+    setup_logging("worker", "info")
+    logging.getLogger("byteleap.worker.test").info("x", extra=log_fields(message_id=mid))
+    assert capsys.readouterr().err == f"INFO worker: x message_id={mid.hex}\n"
+
+
 def test_redact() -> None:
     fields = {"hotkey": "5F...", "Secret_Seed": "x", "auth_token": "t", "password": "p", "url": "u"}
     assert redact(fields) == {
@@ -152,3 +172,21 @@ def test_redact() -> None:
     assert fields["password"] == "p"  # a copy
     assert is_secret_key("WALLET_KEYFILE")
     assert not is_secret_key("worker_id")
+
+
+@pytest.mark.parametrize(
+    ("name", "secret"),
+    [
+        ("enrollment_secret", True),
+        ("Password", True),
+        ("db_passwd", True),
+        ("api_token", True),
+        ("hotkey", True),
+        ("key_file", True),
+        ("url", False),
+        ("metrics_port", False),
+        ("message_id", False),
+    ],
+)
+def test_is_secret_key(name: str, secret: bool) -> None:
+    assert is_secret_key(name) is secret

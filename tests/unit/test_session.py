@@ -2,19 +2,22 @@
 
 from __future__ import annotations
 
-import hmac
+import itertools
 import struct
 import time
+import types
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import msgspec
 import pytest
 from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from byteleap.core import session as session_module
 from byteleap.core.identity import (
     HotkeySigner,
     IdentityKind,
@@ -98,6 +101,27 @@ def header(frame: bytes) -> tuple[int, int, int]:
     return version, epoch, sequence
 
 
+# Deterministic handshakes: Ed25519 signs deterministically (sr25519 does not), and
+# fix_randomness() makes the ephemeral keys and nonces fixed too.
+FIXED_CLIENT = WorkerKey(Ed25519PrivateKey.from_private_bytes(bytes([5]) * 32))
+FIXED_SERVER = WorkerKey(Ed25519PrivateKey.from_private_bytes(bytes([6]) * 32))
+
+
+def fix_randomness(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every handshake from here on draws the same ephemeral keys and nonces (client's, then
+    server's), so two handshakes between the same keys derive the same traffic secrets."""
+    ephemerals = itertools.cycle(
+        [X25519PrivateKey.from_private_bytes(bytes([b]) * 32) for b in (1, 2)]
+    )
+    nonces = itertools.cycle([bytes([3]) * 32, bytes([4]) * 32])
+    monkeypatch.setattr(
+        session_module, "X25519PrivateKey", types.SimpleNamespace(generate=lambda: next(ephemerals))
+    )
+    monkeypatch.setattr(
+        session_module, "secrets", types.SimpleNamespace(token_bytes=lambda _n: next(nonces))
+    )
+
+
 def _x25519_pub() -> bytes:
     return (
         X25519PrivateKey.generate()
@@ -162,13 +186,22 @@ def test_channel_binding_equal_within_and_different_across_sessions() -> None:
     assert one.client.channel_binding != two.client.channel_binding
 
 
-def test_channel_binding_enrollment_proof() -> None:
-    """How enrollment uses it: HMAC(secret, binding) matches only inside the same session."""
-    secret = b"miner enrollment secret"
-    one, two = handshake(), handshake()
-    proof = hmac.digest(secret, one.client.channel_binding, "sha256")
-    assert hmac.compare_digest(proof, hmac.digest(secret, one.server.channel_binding, "sha256"))
-    assert not hmac.compare_digest(proof, hmac.digest(secret, two.server.channel_binding, "sha256"))
+def test_key_schedule_known_answer(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Fixed long-term keys, ephemerals and nonces give a fixed channel binding and fixed first
+    frames: any change to the transcript, the signed messages or the key schedule changes these
+    bytes (and peers running the previous code could no longer talk to this one)."""
+    fix_randomness(monkeypatch)
+    pair = handshake(FIXED_CLIENT, FIXED_SERVER)
+    assert pair.client.channel_binding.hex() == (
+        "93b04658566398683dab55aacaffab3f4307db2ac1b49a62a6325adade3696c6"
+    )
+    assert pair.server.channel_binding == pair.client.channel_binding
+    assert pair.client.seal(b"hello").hex() == (
+        "010000000000000000000000004e296878ab756d976576df760609ec47f28e666a26"
+    )
+    assert pair.server.seal(b"hello").hex() == (
+        "010000000000000000000000005c20da9476f97f2028cf65b60e3499a839d80d73a1"
+    )
 
 
 def test_peer_kind_is_enforced() -> None:
@@ -196,6 +229,50 @@ def test_server_authorize_rejects_unknown_client() -> None:
         responder.respond(initiator.hello())
     assert excinfo.value.reason == "unauthorized"
     assert excinfo.value.code == "handshake_failed"
+
+
+class CountingSigner:
+    """Counts signatures made with a real key."""
+
+    def __init__(self, signer: Signer) -> None:
+        self.identity = signer.identity
+        self._signer = signer
+        self.count = 0
+
+    def sign(self, message: bytes) -> bytes:
+        self.count += 1
+        return self._signer.sign(message)
+
+
+@pytest.mark.parametrize(
+    ("authorize", "peer_kind", "reason"),
+    [
+        (only(OTHER_WORKER), None, "unauthorized"),
+        (accept_all, IdentityKind.SR25519, "kind_mismatch"),
+    ],
+)
+def test_server_refuses_before_signing_anything(
+    authorize: Callable[[PeerIdentity], bool], peer_kind: IdentityKind | None, reason: str
+) -> None:
+    """An unknown client must not get a server signature (work, and a signing oracle)."""
+    server = CountingSigner(ALICE)
+    responder = Responder(server, authorize, PROLOGUE, peer_kind=peer_kind)
+    with pytest.raises(HandshakeError) as excinfo:
+        responder.respond(Initiator(WORKER, accept_all, PROLOGUE).hello())
+    assert excinfo.value.reason == reason
+    assert server.count == 0
+    # the control: an accepted client gets exactly one signature
+    Responder(server, accept_all, PROLOGUE).respond(Initiator(WORKER, accept_all, PROLOGUE).hello())
+    assert server.count == 1
+
+
+def test_client_refuses_before_signing_anything() -> None:
+    client = CountingSigner(WORKER)
+    initiator = Initiator(client, only(BOB), PROLOGUE)
+    with pytest.raises(HandshakeError) as excinfo:
+        initiator.finish(Responder(ALICE, accept_all, PROLOGUE).respond(initiator.hello()))
+    assert excinfo.value.reason == "unauthorized"
+    assert client.count == 0
 
 
 def test_client_authorize_rejects_unexpected_server() -> None:
@@ -515,16 +592,21 @@ def test_any_bit_flip_in_the_handshake_fails_it(data: st.DataObject) -> None:
 def test_mitm_substituting_the_client_ephemeral_is_detected() -> None:
     initiator = Initiator(WORKER, only(ALICE), PROLOGUE)
     responder = Responder(ALICE, only(WORKER), PROLOGUE)
-    hello = msgspec.msgpack.decode(initiator.hello(), type=ClientHello)
-    tampered = msgspec.structs.replace(hello, ephemeral=_x25519_pub())
+    # The attacker replaces the worker's ephemeral key with its own, keeping the worker's claimed
+    # identity: a ClientHello of its own making, as an Initiator holding the wrong key.
+    genuine = msgspec.msgpack.decode(initiator.hello(), type=ClientHello)
+    attacker = Initiator(Impostor(WORKER, OTHER_WORKER), accept_all, PROLOGUE)
+    tampered = msgspec.msgpack.decode(attacker.hello(), type=ClientHello)
+    assert tampered.identity == genuine.identity and tampered.ephemeral != genuine.ephemeral
     reply = responder.respond(msgspec.msgpack.encode(tampered))  # server cannot tell yet
     with pytest.raises(HandshakeError) as excinfo:
         initiator.finish(reply)  # but the server signed a transcript the client never sent
     assert excinfo.value.reason == "bad_signature"
-    # nor can the attacker finish the server side: it cannot sign as the worker
-    forged = ClientFinish(signature=OTHER_WORKER.sign(b"anything"))
+    # Nor can the attacker finish the server side: its ClientFinish covers exactly the
+    # transcript the server holds, but is signed with the wrong key.
+    forged, _ = attacker.finish(reply)
     with pytest.raises(HandshakeError) as excinfo:
-        responder.complete(msgspec.msgpack.encode(forged))
+        responder.complete(forged)
     assert excinfo.value.reason == "bad_signature"
 
 
@@ -560,7 +642,12 @@ def test_mitm_swapping_the_server_identity_breaks_the_signature() -> None:
 
 
 def test_mitm_swapping_the_client_identity_cannot_finish() -> None:
-    """Claiming someone else's identity in the ClientHello needs their key for ClientFinish."""
+    """Claiming someone else's identity in the ClientHello needs their key for ClientFinish:
+    a genuine ClientFinish of that identity, captured from another session, does not do."""
+    initiator = Initiator(WORKER, accept_all, PROLOGUE)
+    responder = Responder(ALICE, accept_all, PROLOGUE)
+    captured, _ = initiator.finish(responder.respond(initiator.hello()))
+
     initiator = Initiator(OTHER_WORKER, accept_all, PROLOGUE)
     responder = Responder(ALICE, only(WORKER), PROLOGUE)
     hello = msgspec.msgpack.decode(initiator.hello(), type=ClientHello)
@@ -568,12 +655,21 @@ def test_mitm_swapping_the_client_identity_cannot_finish() -> None:
         hello, identity=WireIdentity(IdentityKind.ED25519, WORKER.public_key)
     )
     responder.respond(msgspec.msgpack.encode(claimed))
-    with pytest.raises(HandshakeError):
-        responder.complete(msgspec.msgpack.encode(ClientFinish(signature=bytes(64))))
+    with pytest.raises(HandshakeError) as excinfo:
+        responder.complete(captured)  # WORKER's own signature, over another transcript
+    assert excinfo.value.reason == "bad_signature"
 
 
-def test_reflected_server_signature_is_not_a_client_signature() -> None:
-    """Role labels: the server's own signature replayed as the ClientFinish must fail."""
+@pytest.mark.parametrize("same_labels", [False, True], ids=["labels", "labels-equal"])
+def test_reflected_server_signature_is_not_a_client_signature(
+    monkeypatch: pytest.MonkeyPatch, same_labels: bool
+) -> None:
+    """The server's own signature replayed as the ClientFinish must fail, even between two ends
+    with the same key. That rests on the signed field lists differing (the client's also covers
+    the server's signature), not on the role labels: with both labels made equal it still fails.
+    """
+    if same_labels:
+        monkeypatch.setattr(session_module, "_ROLE_CLIENT", session_module._ROLE_SERVER)
     initiator = Initiator(ALICE, accept_all, PROLOGUE)
     responder = Responder(ALICE, accept_all, PROLOGUE)  # same identity on both ends
     reply_bytes = responder.respond(initiator.hello())
@@ -581,6 +677,8 @@ def test_reflected_server_signature_is_not_a_client_signature() -> None:
     with pytest.raises(HandshakeError) as excinfo:
         responder.complete(msgspec.msgpack.encode(ClientFinish(signature=reply.signature)))
     assert excinfo.value.reason == "bad_signature"
+    # and an honest handshake still works with these labels
+    handshake(ALICE, ALICE)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -617,7 +715,7 @@ def test_any_flipped_bit_is_rejected_and_does_not_disturb_the_channel(
 
 
 def test_truncated_and_oversized_frames_are_malformed() -> None:
-    config = SessionConfig(max_frame_bytes=FRAME_OVERHEAD + 10)
+    config = SessionConfig(max_seal_bytes=FRAME_OVERHEAD + 10, max_open_bytes=FRAME_OVERHEAD + 10)
     pair = handshake(config=config)
     frame = pair.client.seal(b"0123456789")
     for cut in (0, 1, FRAME_HEADER_BYTES, FRAME_OVERHEAD - 1):
@@ -630,6 +728,32 @@ def test_truncated_and_oversized_frames_are_malformed() -> None:
     with pytest.raises(MalformedFrame):
         pair.server.open(bytearray(frame))  # type: ignore[arg-type]
     assert pair.server.open(frame) == b"0123456789"
+
+
+def test_seal_and_open_limits_are_separate() -> None:
+    """Each direction of a link has its own limit: a small one out, a large one in."""
+    small = SessionConfig(max_seal_bytes=FRAME_OVERHEAD + 4, max_open_bytes=FRAME_OVERHEAD + 100)
+    large = SessionConfig(max_seal_bytes=FRAME_OVERHEAD + 100, max_open_bytes=FRAME_OVERHEAD + 4)
+    initiator = Initiator(WORKER, accept_all, PROLOGUE, small)
+    responder = Responder(ALICE, accept_all, PROLOGUE, large)
+    finish, client = initiator.finish(responder.respond(initiator.hello()))
+    server = responder.complete(finish)
+    assert server.open(client.seal(b"1234")) == b"1234"
+    with pytest.raises(ValueError, match="max_seal_bytes"):
+        client.seal(b"12345")
+    assert client.open(server.seal(b"x" * 100)) == b"x" * 100  # 100 in: allowed
+    with pytest.raises(ValueError, match="max_seal_bytes"):
+        server.seal(b"x" * 101)
+    with pytest.raises(MalformedFrame, match="max_open_bytes"):
+        server.open(bytes(FRAME_OVERHEAD + 5))  # refused by size, before any crypto
+    assert client.config is small and server.config is large
+
+
+def test_default_limits_fit_the_largest_wire_frame() -> None:
+    from byteleap.core import wire
+
+    config = SessionConfig()
+    assert config.max_seal_bytes == config.max_open_bytes == wire.MAX_FRAME_BYTES + FRAME_OVERHEAD
 
 
 def test_replayed_frame() -> None:
@@ -713,16 +837,28 @@ def test_rekey_after_n_frames_keeps_the_channel_working() -> None:
         assert pair.client.open(pair.server.seal(b"s%d" % i)) == b"s%d" % i
 
 
-def test_rekey_changes_the_key() -> None:
-    config = SessionConfig(rekey_after_frames=1)
-    pair = handshake(config=config)
-    first, second = pair.client.seal(b"same"), pair.client.seal(b"same")
-    assert header(second)[1] == header(first)[1] + 1
-    # splice epoch 0's header onto epoch 1's body: it must not authenticate under the old key
-    forged = first[: FRAME_HEADER_BYTES - 8] + second[FRAME_HEADER_BYTES - 8 :]
-    assert pair.server.open(first) == b"same"
-    with pytest.raises(SessionError):
-        pair.server.open(forged)
+def test_rekey_changes_the_key(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two sessions from the same traffic secrets, one rekeying after every frame: the same
+    plaintext at the same sequence number encrypts differently once it has rekeyed."""
+    fix_randomness(monkeypatch)
+    rekeying = handshake(FIXED_CLIENT, FIXED_SERVER, config=SessionConfig(rekey_after_frames=1))
+    steady = handshake(FIXED_CLIENT, FIXED_SERVER)
+    assert rekeying.client.channel_binding == steady.client.channel_binding  # same secrets
+    assert rekeying.client.seal(b"same") == steady.client.seal(b"same")  # sequence 0, epoch 0
+    rekeyed, not_rekeyed = rekeying.client.seal(b"same"), steady.client.seal(b"same")
+    assert header(rekeyed) == (1, 1, 1) and header(not_rekeyed) == (1, 0, 1)
+    # The ciphertext without its tag depends only on key, nonce and plaintext (not on the header,
+    # which only enters the tag): equal bytes here would mean the key and IV did not change.
+    ciphertext = slice(FRAME_HEADER_BYTES, -16)
+    assert rekeyed[ciphertext] != not_rekeyed[ciphertext]
+    # A body moved under the other epoch's header authenticates under neither key.
+    body = slice(FRAME_HEADER_BYTES, None)
+    with pytest.raises(TamperedFrame):
+        rekeying.server.open(not_rekeyed[:FRAME_HEADER_BYTES] + rekeyed[body])
+    with pytest.raises(TamperedFrame):
+        rekeying.server.open(rekeyed[:FRAME_HEADER_BYTES] + not_rekeyed[body])
+    assert rekeying.server.open(rekeyed) == b"same"
+    assert steady.server.open(not_rekeyed) == b"same"
 
 
 def test_epoch_skips_and_old_epochs_are_rejected() -> None:
@@ -826,12 +962,19 @@ def test_error_codes_are_stable() -> None:
         {"max_age_seconds": 0},
         {"handshake_timeout_seconds": -1},
         {"max_handshake_bytes": 10},
-        {"max_frame_bytes": FRAME_OVERHEAD},
+        {"max_seal_bytes": FRAME_OVERHEAD},
+        {"max_open_bytes": FRAME_OVERHEAD},
     ],
 )
 def test_config_validation(kwargs: dict[str, float]) -> None:
     with pytest.raises(ValueError):
         SessionConfig(**kwargs)  # type: ignore[arg-type]
+
+
+def test_handshake_error_reasons_are_the_listed_ones() -> None:
+    assert HandshakeError("timeout", "late").reason == "timeout"
+    with pytest.raises(ValueError, match="unknown handshake failure reason"):
+        HandshakeError("timed out", "a typo is a bug, not a new reason")
 
 
 def test_repr_shows_no_secrets() -> None:

@@ -323,3 +323,19 @@ async def test_shutdown_error_is_reraised_by_wait() -> None:
     trigger.trigger()
     with pytest.raises(RuntimeError, match="drain failed"):
         await trigger.wait()
+
+
+async def test_cancelled_shutdown_is_not_logged_as_failure(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    async def on_stop() -> None:
+        await asyncio.sleep(3600)
+
+    trigger = sd.ShutdownTrigger(asyncio.get_running_loop(), on_stop)
+    trigger.trigger()
+    await asyncio.sleep(0)
+    assert trigger.task is not None
+    trigger.task.cancel()
+    with caplog.at_level(logging.ERROR), pytest.raises(asyncio.CancelledError):
+        await trigger.wait()
+    assert "shutdown failed" not in caplog.text

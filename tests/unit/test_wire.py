@@ -187,9 +187,11 @@ def test_frame_layout_is_a_map_with_raw_bytes() -> None:
 
 
 def test_decode_accepts_bytearray_and_memoryview() -> None:
-    encoded = encode(Frame(msg=Ping(nonce=1)))
+    frame = Frame(id=3, msg=Ping(nonce=1))
+    encoded = encode(frame)
     route = (Link.WORKER_MINER, Direction.DOWN)
-    assert decode(*route, bytearray(encoded)) == decode(*route, memoryview(encoded))
+    assert decode(*route, bytearray(encoded)) == frame
+    assert decode(*route, memoryview(encoded)) == frame
 
 
 # ------------------------------------------------------------------------------------------------
@@ -317,11 +319,10 @@ def test_oversize_frame_is_rejected_before_parsing(route: tuple[Link, Direction]
     assert _code(route, b"\xc1" * limit).code is ErrorCode.BAD_FRAME
 
 
-def test_limits() -> None:
-    assert wire.WORKER_TO_MINER_MAX_BYTES == 8 * 2**20
-    assert wire.MINER_TO_VALIDATOR_MAX_BYTES == 8 * 2**20
-    assert wire.MINER_TO_WORKER_MAX_BYTES < wire.WORKER_TO_MINER_MAX_BYTES
+def test_max_frame_bytes_is_the_largest_route_limit() -> None:
     assert max(wire.max_frame_bytes(*r) for r in ROUTES) == wire.MAX_FRAME_BYTES
+    # a miner can make a worker buffer far less than a worker can make a miner buffer
+    assert wire.max_frame_bytes(*DOWN) < wire.max_frame_bytes(*UP)
 
 
 @pytest.mark.parametrize("version", [0, 2, 99, -1])
@@ -484,28 +485,32 @@ def test_batches_refuse_duplicate_challenges() -> None:
 
 
 def test_error_codes_are_unique_and_stable() -> None:
-    values = [code.value for code in ErrorCode]
-    assert len(values) == len(set(values))
+    # aliases (a second name for a value) are hidden from iteration; @enum.unique forbids them
+    assert len(ErrorCode.__members__) == len({code.value for code in ErrorCode})
     pinned = {
         "BAD_FRAME": 1000,
         "UNSUPPORTED_VERSION": 1001,
         "FRAME_TOO_LARGE": 1002,
         "UNKNOWN_MESSAGE": 1003,
         "RATE_LIMITED": 1004,
+        "UNEXPECTED_MESSAGE": 1005,
         "AUTH_FAILED": 2000,
         "NOT_ENROLLED": 2001,
         "CAPACITY_REACHED": 2002,
         "KEY_MISMATCH": 2003,
+        "NOT_PERMITTED": 2004,
         "CHALLENGE_INVALID": 3000,
         "DEVICE_BUSY": 3001,
         "DEVICE_LEASED": 3002,
         "CHALLENGE_UNKNOWN": 3003,
         "CHALLENGE_EXPIRED": 3004,
         "DEVICE_UNKNOWN": 3005,
+        "WORKER_OFFLINE": 3006,
         "INTERNAL": 5000,
+        "SHUTTING_DOWN": 5001,
     }
-    for name, value in pinned.items():
-        assert ErrorCode[name].value == value
+    # every code is pinned: adding, renaming or renumbering one must update this table
+    assert {name: code.value for name, code in ErrorCode.__members__.items()} == pinned
     for code in ErrorCode:  # grouped by range
         assert code.value // 1000 in (1, 2, 3, 5)
 
@@ -523,6 +528,38 @@ def test_wire_error_to_error_truncates_and_keeps_ref() -> None:
     assert err.ref == 42
     assert len(err.message) == wire.MAX_ERROR_MESSAGE
     assert decode(*DOWN, encode(Frame(id=42, msg=err))).msg == err
+
+
+@pytest.mark.parametrize("text", ["two\nlines", "tab\there", "caf\u00e9", "bell\x07", "del\x7f"])
+def test_error_messages_must_be_printable_ascii(text: str) -> None:
+    """Peer-supplied error text is logged: control and non-ASCII characters are refused."""
+    assert _code(UP, _raw_frame({"type": "error", "code": 1000, "message": text})).code is (
+        ErrorCode.BAD_FRAME
+    )
+    failure = {
+        "type": "device_failure",
+        "challenge_id": b"c" * 16,
+        "worker_id": "a" * 32,
+        "device_uuid": "GPU-0",
+        "code": 3001,
+    }
+    route = (Link.MINER_VALIDATOR, Direction.UP)
+    assert decode(*route, _raw_frame(failure | {"message": "busy ~ (50%)"}))
+    assert _code(route, _raw_frame(failure | {"message": text})).code is ErrorCode.BAD_FRAME
+
+
+def test_to_error_escapes_non_printable_text() -> None:
+    err = wire.CodedError(ErrorCode.DEVICE_UNKNOWN, "no device 'GPU-\u00e9\n\u20ac' \\ here")
+    assert err.message == "no device 'GPU-\\xe9\\n\\u20ac' \\ here"
+    msg = err.to_error(ref=7)
+    assert msg.message == err.message
+    assert decode(*DOWN, encode(Frame(id=7, msg=msg))).msg == msg
+    wire_err = WireError(ErrorCode.UNKNOWN_MESSAGE, "tag '\x00\U0001f600'" + "\u00e9" * 600)
+    assert str(wire_err).isascii() and str(wire_err).isprintable()
+    long = wire_err.to_error()
+    assert len(long.message) == wire.MAX_ERROR_MESSAGE
+    assert long.message.startswith("tag '\\x00\\U0001f600'\\xe9")
+    assert decode(*UP, encode(Frame(msg=long))).msg == long
 
 
 def test_non_bytes_input_is_a_wire_error() -> None:

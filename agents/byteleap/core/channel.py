@@ -48,7 +48,7 @@ import dataclasses
 import enum
 import ssl as ssl_module
 import time
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, NoReturn
 
 import aiohttp
@@ -75,6 +75,7 @@ __all__ = [
     "CloseCode",
     "RateLimiter",
     "accept",
+    "close_reason",
     "dial",
     "inbound_max_msg_size",
 ]
@@ -161,42 +162,65 @@ class RateLimiter:
         return False
 
 
+def _sealed_limit(link: wire.Link, direction: wire.Direction) -> int:
+    """The largest sealed frame of ``link`` in ``direction``: the wire limit plus the overhead."""
+    return wire.max_frame_bytes(link, direction) + FRAME_OVERHEAD
+
+
+def _other(direction: wire.Direction) -> wire.Direction:
+    return wire.Direction.DOWN if direction is wire.Direction.UP else wire.Direction.UP
+
+
 def inbound_max_msg_size(link: wire.Link, inbound: wire.Direction, config: SessionConfig) -> int:
     """aiohttp ``max_msg_size`` for what arrives on ``link`` in ``inbound``.
 
-    The largest legal frame plus the session's overhead, and room for a handshake message. aiohttp
-    refuses a message whose length is >= ``max_msg_size`` (exclusive), hence the ``+ 1``.
+    The largest frame the session opens (the link's limit plus the session's overhead, or the
+    config's ``max_open_bytes`` if smaller), and room for a handshake message. aiohttp refuses a
+    message whose length is >= ``max_msg_size`` (exclusive), hence the ``+ 1``.
     """
-    limit = max(wire.max_frame_bytes(link, inbound) + FRAME_OVERHEAD, config.max_handshake_bytes)
-    return limit + 1
+    frame = min(_sealed_limit(link, inbound), config.max_open_bytes)
+    return max(frame, config.max_handshake_bytes) + 1
 
 
 def _session_config(
-    link: wire.Link, config: SessionConfig | None, timeout: float | None
+    link: wire.Link, outbound: wire.Direction, config: SessionConfig | None, timeout: float | None
 ) -> SessionConfig:
-    """The session config with frame limits fitted to the link (the session has one limit for
-    both directions, so it gets the larger; per-direction limits are enforced here)."""
+    """The caller's session config (or the default) with its frame limits fitted to the link.
+
+    Each direction gets the smaller of the caller's limit and the link's, so an explicit
+    ``max_seal_bytes`` / ``max_open_bytes`` still holds; ``timeout``, if given, replaces the
+    handshake timeout.
+    """
     base = config or SessionConfig()
-    largest = max(wire.max_frame_bytes(link, d) for d in wire.Direction) + FRAME_OVERHEAD
-    changes: dict[str, Any] = {"max_frame_bytes": largest}
+    changes: dict[str, Any] = {
+        "max_seal_bytes": min(base.max_seal_bytes, _sealed_limit(link, outbound)),
+        "max_open_bytes": min(base.max_open_bytes, _sealed_limit(link, _other(outbound))),
+    }
     if timeout is not None:
         changes["handshake_timeout_seconds"] = timeout
     return dataclasses.replace(base, **changes)
 
 
-def _close_reason(reason: str) -> bytes:
-    data = reason.encode("utf-8", "replace")
+def close_reason(text: str) -> str:
+    """``text`` cut to fit a WebSocket close frame (123 bytes of UTF-8) without splitting a
+    character; a cut reason ends in ``...``. Unencodable characters become ``?``."""
+    data = text.encode("utf-8", "replace")
     if len(data) <= _MAX_CLOSE_REASON:
-        return data
-    return data[: _MAX_CLOSE_REASON - 3].decode("utf-8", "ignore").encode() + b"..."
+        return data.decode("utf-8")
+    return data[: _MAX_CLOSE_REASON - 3].decode("utf-8", "ignore") + "..."
 
 
-def _handshake_close_code(exc: HandshakeError) -> CloseCode:
+def _handshake_failure(exc: HandshakeError | TimeoutError) -> tuple[CloseCode, str]:
+    """The close code and the reason sent to the peer for a failed or timed-out handshake."""
+    if isinstance(exc, TimeoutError):
+        return CloseCode.HANDSHAKE_FAILED, "handshake timeout"
     if exc.reason in ("unauthorized", "kind_mismatch"):
-        return CloseCode.UNAUTHORIZED
-    if exc.reason == "oversize":
-        return CloseCode.FRAME_TOO_LARGE
-    return CloseCode.HANDSHAKE_FAILED
+        code = CloseCode.UNAUTHORIZED
+    elif exc.reason == "oversize":
+        code = CloseCode.FRAME_TOO_LARGE
+    else:
+        code = CloseCode.HANDSHAKE_FAILED
+    return code, f"handshake failed: {exc.reason}"
 
 
 def _wire_close_code(exc: wire.WireError) -> CloseCode:
@@ -237,11 +261,20 @@ def _peer_closed(ws: _WebSocket, msg: aiohttp.WSMessage) -> ChannelClosed:
 
 async def _close_ws(ws: _WebSocket, code: int, reason: str) -> None:
     with contextlib.suppress(Exception):  # the transport may already be gone
-        await ws.close(code=code, message=_close_reason(reason))
+        await ws.close(code=code, message=close_reason(reason).encode())
 
 
-async def _receive_bytes(ws: _WebSocket, what: str) -> bytes:
-    """One binary message, or close with the right code and raise ChannelClosed."""
+async def _receive_bytes(
+    ws: _WebSocket,
+    what: str,
+    refuse: Callable[[CloseCode, str], Awaitable[NoReturn]] | None = None,
+) -> bytes:
+    """The next binary message (``what``: "a ClientHello", "a frame", ...), skipping pings.
+
+    Raises :class:`ChannelClosed` (``by_peer``) when the peer closed. A text message, an oversize
+    message or a transport error goes to ``refuse(code, reason)``, which must close and raise;
+    the default closes ``ws`` and raises :class:`ChannelClosed`.
+    """
     while True:
         msg = await ws.receive()
         if msg.type is WSMsgType.BINARY:
@@ -254,11 +287,30 @@ async def _receive_bytes(ws: _WebSocket, what: str) -> bytes:
         if msg.type is WSMsgType.TEXT:
             code, reason = CloseCode.PROTOCOL_ERROR, f"text message where {what} was expected"
         elif msg.type is WSMsgType.ERROR and _too_big(msg):
-            code, reason = CloseCode.FRAME_TOO_LARGE, f"{what} too large"
+            code, reason = CloseCode.FRAME_TOO_LARGE, f"message too large for {what}"
         else:
             code, reason = CloseCode.PROTOCOL_ERROR, f"transport error: {msg.data!r}"
+        if refuse is not None:
+            await refuse(code, reason)
         await _close_ws(ws, code, reason)
         raise ChannelClosed(code, reason)
+
+
+@contextlib.asynccontextmanager
+async def _handshake_deadline(ws: _WebSocket, deadline: float) -> AsyncIterator[None]:
+    """Run the handshake steps of the block under ``deadline`` (event-loop time).
+
+    A :class:`HandshakeError` or the deadline passing closes ``ws`` with the matching code and
+    reason and raises :class:`ChannelClosed` (by this side); anything else passes through.
+    """
+    try:
+        async with asyncio.timeout_at(deadline):
+            yield
+    except (HandshakeError, TimeoutError) as exc:
+        code, reason = _handshake_failure(exc)
+        await _close_ws(ws, code, reason)
+        detail = f"{reason}: {exc}" if isinstance(exc, HandshakeError) else reason
+        raise ChannelClosed(code, detail) from exc
 
 
 def _too_big(msg: aiohttp.WSMessage) -> bool:
@@ -287,9 +339,12 @@ class Channel:
         self._session = session
         self._link = link
         self._outbound = outbound
-        self._inbound = wire.Direction.DOWN if outbound is wire.Direction.UP else wire.Direction.UP
+        self._inbound = _other(outbound)
         self._outbound_types = wire.message_types(link, outbound)
-        self._outbound_limit = wire.max_frame_bytes(link, outbound)
+        # What the session will seal, as a wire-frame size: never more than the link allows.
+        self._outbound_limit = min(
+            wire.max_frame_bytes(link, outbound), session.config.max_seal_bytes - FRAME_OVERHEAD
+        )
         self._rate_limit = rate_limit
         self._send_lock = asyncio.Lock()
         self._closed_exc: ChannelClosed | None = None
@@ -387,10 +442,11 @@ class Channel:
         *,
         id: int | None = None,
     ) -> None:
-        """Send an :class:`wire.Error`; its frame id defaults to ``ref`` (answering that frame)."""
-        if len(message) > wire.MAX_ERROR_MESSAGE:
-            message = message[: wire.MAX_ERROR_MESSAGE - 3] + "..."
-        error = wire.Error(code=code, message=message, ref=ref)
+        """Send an :class:`wire.Error`; its frame id defaults to ``ref`` (answering that frame).
+
+        A ``message`` longer than the wire allows is cut, ending in ``...``.
+        """
+        error = wire.CodedError(code, message, ref=ref).to_error()
         await self.send(error, id=ref if id is None else id)
 
     async def recv(self) -> wire.Frame:
@@ -399,23 +455,15 @@ class Channel:
         Raises :class:`ChannelClosed` when the peer closed, or after this side closed the
         connection because the peer broke the protocol.
         """
-        while True:
-            self._check_open()
-            msg = await self._ws.receive()
-            if msg.type is WSMsgType.BINARY:
-                return await self._open(msg.data)
-            if msg.type in (WSMsgType.PING, WSMsgType.PONG):
-                continue
-            if msg.type in (WSMsgType.CLOSE, WSMsgType.CLOSING, WSMsgType.CLOSED):
-                if self._closed_exc is not None:  # closed locally while we were waiting
-                    raise self._closed_exc
-                self._closed_exc = _peer_closed(self._ws, msg)
-                raise self._closed_exc
-            if msg.type is WSMsgType.TEXT:
-                await self._fail(CloseCode.PROTOCOL_ERROR, "text messages are not accepted")
-            if msg.type is WSMsgType.ERROR and _too_big(msg):
-                await self._fail(CloseCode.FRAME_TOO_LARGE, "message too large")
-            await self._fail(CloseCode.PROTOCOL_ERROR, f"transport error: {msg.data!r}")
+        self._check_open()
+        try:
+            sealed = await _receive_bytes(self._ws, "a frame", self._fail)
+        except ChannelClosed as exc:
+            if self._closed_exc is None:  # the peer closed
+                self._closed_exc = exc
+                raise
+            raise self._closed_exc from None  # this side closed (while we waited, or just now)
+        return await self._open(sealed)
 
     async def _open(self, sealed: bytes) -> wire.Frame:
         if self._rate_limit is not None and not self._rate_limit.allow():
@@ -476,9 +524,7 @@ async def dial(
     link: wire.Link,
     config: SessionConfig | None = None,
     handshake_timeout: float | None = None,
-    max_msg_size: int | None = None,
     ssl: ssl_module.SSLContext | aiohttp.Fingerprint | bool | None = None,
-    headers: Mapping[str, str] | None = None,
     peer_kind: IdentityKind | None = None,
     rate_limit: RateLimiter | None = None,
     heartbeat: float | None = None,
@@ -489,42 +535,32 @@ async def dial(
     ``handshake_timeout`` (default: the config's) bounds the connection and the handshake
     together. Raises :class:`ChannelClosed` if the server refuses us (its code, ``by_peer``), if
     the server fails our ``authorize`` (4002) or the handshake fails or times out (4001);
-    connection failures raise ``aiohttp.ClientError`` / ``OSError`` as aiohttp does.
+    connection failures (a connection timeout included) raise ``aiohttp.ClientError`` /
+    ``OSError`` / ``TimeoutError`` as aiohttp does.
     """
-    cfg = _session_config(link, config, handshake_timeout)
-    limit = max_msg_size or inbound_max_msg_size(link, wire.Direction.DOWN, cfg)
-    ws: aiohttp.ClientWebSocketResponse | None = None
+    outbound = wire.Direction.UP
+    cfg = _session_config(link, outbound, config, handshake_timeout)
+    initiator = Initiator(signer, authorize, prologue, cfg, peer_kind=peer_kind)
+    deadline = asyncio.get_running_loop().time() + cfg.handshake_timeout_seconds
+    async with asyncio.timeout_at(deadline):  # a transport failure like any other
+        ws = await session.ws_connect(
+            url,
+            max_msg_size=inbound_max_msg_size(link, _other(outbound), cfg),
+            ssl=True if ssl is None else ssl,
+            heartbeat=heartbeat,
+            compress=0,
+            timeout=aiohttp.ClientWSTimeout(ws_receive=None, ws_close=close_timeout),
+        )
     try:
-        async with asyncio.timeout(cfg.handshake_timeout_seconds):
-            ws = await session.ws_connect(
-                url,
-                max_msg_size=limit,
-                ssl=True if ssl is None else ssl,
-                headers=headers,
-                heartbeat=heartbeat,
-                compress=0,
-                timeout=aiohttp.ClientWSTimeout(ws_receive=None, ws_close=close_timeout),
-            )
-            initiator = Initiator(signer, authorize, prologue, cfg, peer_kind=peer_kind)
+        async with _handshake_deadline(ws, deadline):
             await ws.send_bytes(initiator.hello())
             server_hello = await _receive_bytes(ws, "a ServerHello")
             finish, secure = initiator.finish(server_hello)
             await ws.send_bytes(finish)
-    except HandshakeError as exc:
-        assert ws is not None
-        code = _handshake_close_code(exc)
-        await _close_ws(ws, code, f"handshake failed: {exc.reason}")
-        raise ChannelClosed(code, f"handshake failed: {exc.reason}: {exc}") from exc
-    except TimeoutError as exc:
-        if ws is None:
-            raise  # the connection itself timed out: a transport failure like any other
-        await _close_ws(ws, CloseCode.HANDSHAKE_FAILED, "handshake timeout")
-        raise ChannelClosed(CloseCode.HANDSHAKE_FAILED, "handshake timeout") from exc
     except BaseException:
-        if ws is not None:
-            await _close_ws(ws, CloseCode.HANDSHAKE_FAILED, "handshake aborted")
+        await _close_ws(ws, CloseCode.HANDSHAKE_FAILED, "handshake aborted")  # if still open
         raise
-    return Channel(ws, secure, link=link, outbound=wire.Direction.UP, rate_limit=rate_limit)
+    return Channel(ws, secure, link=link, outbound=outbound, rate_limit=rate_limit)
 
 
 async def accept(
@@ -536,7 +572,6 @@ async def accept(
     link: wire.Link,
     config: SessionConfig | None = None,
     handshake_timeout: float | None = None,
-    max_msg_size: int | None = None,
     peer_kind: IdentityKind | None = None,
     rate_limit: RateLimiter | None = None,
     heartbeat: float | None = None,
@@ -548,38 +583,30 @@ async def accept(
     claim is proven before this returns. On any failure the socket is closed with a
     :class:`CloseCode` and reason and :class:`AcceptFailed` is raised: return its ``response``.
     """
-    cfg = _session_config(link, config, handshake_timeout)
+    outbound = wire.Direction.DOWN
+    cfg = _session_config(link, outbound, config, handshake_timeout)
+    responder = Responder(signer, authorize, prologue, cfg, peer_kind=peer_kind)
     ws = _ServerWebSocket(
-        max_msg_size=max_msg_size or inbound_max_msg_size(link, wire.Direction.UP, cfg),
+        max_msg_size=inbound_max_msg_size(link, _other(outbound), cfg),
         compress=False,  # sealed frames do not compress; and no inflate bombs
         heartbeat=heartbeat,
         timeout=close_timeout,
     )
     await ws.prepare(request)
-    responder = Responder(signer, authorize, prologue, cfg, peer_kind=peer_kind)
+    deadline = asyncio.get_running_loop().time() + cfg.handshake_timeout_seconds
     try:
-        async with asyncio.timeout(cfg.handshake_timeout_seconds):
+        async with _handshake_deadline(ws, deadline):
             client_hello = await _receive_bytes(ws, "a ClientHello")
             await ws.send_bytes(responder.respond(client_hello))
             client_finish = await _receive_bytes(ws, "a ClientFinish")
             secure = responder.complete(client_finish)
     except ChannelClosed as exc:
-        await _close_ws(ws, exc.code, exc.reason)
+        await _close_ws(ws, exc.code, exc.reason)  # if still open
         raise AcceptFailed(exc.code, exc.reason, by_peer=exc.by_peer, response=ws) from exc
-    except HandshakeError as exc:
-        code = _handshake_close_code(exc)
-        reason = f"handshake failed: {exc.reason}"
-        await _close_ws(ws, code, reason)
-        raise AcceptFailed(code, f"{reason}: {exc}", by_peer=False, response=ws) from exc
-    except TimeoutError as exc:
-        await _close_ws(ws, CloseCode.HANDSHAKE_FAILED, "handshake timeout")
-        raise AcceptFailed(
-            CloseCode.HANDSHAKE_FAILED, "handshake timeout", by_peer=False, response=ws
-        ) from exc
     except (ConnectionError, RuntimeError) as exc:
         await _close_ws(ws, CloseCode.HANDSHAKE_FAILED, "handshake aborted")
         raise AcceptFailed(1006, f"connection lost: {exc}", by_peer=True, response=ws) from exc
     except BaseException:
         await _close_ws(ws, CloseCode.GOING_AWAY, "handshake aborted")
         raise
-    return Channel(ws, secure, link=link, outbound=wire.Direction.DOWN, rate_limit=rate_limit)
+    return Channel(ws, secure, link=link, outbound=outbound, rate_limit=rate_limit)

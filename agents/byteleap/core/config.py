@@ -25,9 +25,10 @@ Schemas should use plain ``str`` for paths (msgspec's strict mode has no ``Path`
 
 Every problem raises :class:`ConfigError`, whose message names where the bad value came from (the
 file or the environment variable) and the dotted key path, e.g.
-``/etc/byteleap/worker.yaml: miner.url: expected str, got int``. Values under a key whose name
-contains ``secret``, ``password``, ``token`` or ``key`` are never echoed. (A ``__post_init__``
-validator in a schema must not put secrets in its own error messages either.)
+``/etc/byteleap/worker.yaml: miner.url: expected str, got int``. Values under a key that
+:func:`byteleap.core.logs.is_secret_key` flags (its name contains ``secret``, ``password``,
+``passwd``, ``token`` or ``key``) are never echoed: the same rule the log redaction uses. (A
+``__post_init__`` validator in a schema must not put secrets in its own error messages either.)
 """
 
 from __future__ import annotations
@@ -44,6 +45,8 @@ import msgspec.inspect as mi
 import yaml
 from msgspec import Meta
 
+from .logs import is_secret_key
+
 __all__ = [
     "ConfigError",
     "ConfigStruct",
@@ -52,7 +55,6 @@ __all__ = [
     "NonNegativeSeconds",
     "Port",
     "PositiveSeconds",
-    "is_secret_key",
     "load_config",
 ]
 
@@ -64,7 +66,6 @@ NonNegativeSeconds = Annotated[float, Meta(ge=0)]
 Port = Annotated[int, Meta(ge=1, le=65535)]
 LogLevel = Literal["debug", "info", "warning", "error", "critical"]
 
-_SECRET_WORDS: Final = ("secret", "password", "token", "key")
 _NO_FILE: Final = "(no config file)"
 _PathPart = str | int
 
@@ -93,12 +94,6 @@ class ConfigError(Exception):
         self.line = line
 
 
-def is_secret_key(name: str) -> bool:
-    """Whether values under a key of this name must not be shown."""
-    lowered = name.lower()
-    return any(word in lowered for word in _SECRET_WORDS)
-
-
 def _dotted(path: tuple[_PathPart, ...]) -> str:
     out = ""
     for part in path:
@@ -110,6 +105,7 @@ def _dotted(path: tuple[_PathPart, ...]) -> str:
 
 
 def _is_secret_path(path: tuple[_PathPart, ...]) -> bool:
+    """Whether any key on ``path`` may hold a secret (then its values are not shown)."""
     return any(isinstance(part, str) and is_secret_key(part) for part in path)
 
 

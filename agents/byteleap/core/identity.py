@@ -36,6 +36,8 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import (
 from byteleap.core.files import PrivateFileError, read_private_file, write_new_file
 
 __all__ = [
+    "PUBLIC_KEY_BYTES",
+    "SIGNATURE_BYTES",
     "SS58_FORMAT",
     "WORKER_ID_DOMAIN",
     "HotkeySigner",
@@ -267,7 +269,10 @@ class HotkeySigner:
     __slots__ = ("_identity", "_keypair")
 
     def __init__(self, keypair: Any) -> None:
-        """Wrap a keypair; prefer the ``from_*`` constructors, which validate their input."""
+        """Wrap an sr25519 ``bittensor_core.Keypair`` (== ``bittensor.Keypair``) that can sign.
+
+        Refuses a keypair of another type, without a 32-byte public key, or that cannot sign.
+        """
         crypto_type = getattr(keypair, "crypto_type", None)
         if crypto_type != _SR25519:
             raise IdentityError(f"a hotkey must be sr25519 (crypto_type 1), got {crypto_type!r}")
@@ -286,11 +291,6 @@ class HotkeySigner:
 
     def __repr__(self) -> str:
         return f"HotkeySigner({self.ss58_address!r})"
-
-    @classmethod
-    def from_keypair(cls, keypair: Any) -> HotkeySigner:
-        """Wrap an sr25519 ``bittensor_core.Keypair`` (== ``bittensor.Keypair``) that can sign."""
-        return cls(keypair)
 
     @classmethod
     def from_uri(cls, uri: str) -> HotkeySigner:
@@ -348,7 +348,7 @@ class HotkeySigner:
 
     @property
     def ss58_address(self) -> str:
-        return str(_sp_core().ss58_encode(self._identity.public_key, SS58_FORMAT))
+        return self._identity.display
 
     def sign(self, message: bytes) -> bytes:
         return bytes(self._keypair.sign(message))

@@ -6,16 +6,18 @@ Call :func:`setup_logging` once at start-up, then log with structured fields thr
 
 :func:`log_fields` upper-cases the keys (``WORKER_ID``, ``CHALLENGE_ID``): under systemd they become
 journal fields (``journalctl WORKER_ID=... -o verbose``); on stderr they are appended to the line as
-``worker_id=... challenge_id=...``.
+``worker_id=... challenge_id=...``. ``message_id`` (a :class:`uuid.UUID` or 32 hex digits) becomes
+the journal's ``MESSAGE_ID`` (message catalog id) and is shown on stderr like any other field.
 
 The journal is used when ``JOURNAL_STREAM`` is set **and** names our stderr (``systemd.exec(5)``: a
 child whose stderr was redirected elsewhere keeps the variable but must not use the journal).
 
 Secrets: never pass key material, passwords, tokens, or whole config sections to a log call. As a
-second line of defence, a field whose key contains ``secret``, ``password``, ``token`` or ``key``
-(``API_TOKEN``, ``HOTKEY_SEED``) has its value replaced by ``<redacted>`` by both :func:`log_fields`
-and the installed handlers; :func:`redact` applies the same rule to any mapping. The message text
-itself is not inspected.
+second line of defence, a field whose key contains ``secret``, ``password``, ``passwd``, ``token``
+or ``key`` (``API_TOKEN``, ``HOTKEY_SEED``; see :func:`is_secret_key`) has its value replaced by
+``<redacted>`` by both :func:`log_fields` and the installed handlers; :func:`redact` applies the
+same rule to any mapping, and configuration errors hide such values the same way. The message
+text itself is not inspected.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import logging
 import os
 import re
 import sys
+import uuid
 from collections.abc import Mapping
 from typing import Any, Final, TextIO
 
@@ -39,6 +42,7 @@ __all__ = [
 REDACTED: Final = "<redacted>"
 _SECRET_PARTS: Final = ("secret", "password", "passwd", "token", "key")
 _FIELD_RE: Final = re.compile(r"^[A-Z][A-Z0-9_]*$")
+_MESSAGE_ID_RE: Final = re.compile(r"\A[0-9a-fA-F]{32}\Z")
 # Fields that journald or the JournalHandler set themselves; an extra= with one of these is dropped.
 _RESERVED: Final = frozenset(
     {
@@ -60,7 +64,11 @@ _MARK: Final = "_byteleap_handler"
 
 
 def is_secret_key(key: str) -> bool:
-    """True when a field named ``key`` may hold a secret (its value must not be logged)."""
+    """True when a field or config key named ``key`` may hold a secret (never log or show it).
+
+    Case-insensitive: the name contains ``secret``, ``password``, ``passwd``, ``token`` or ``key``.
+    The single rule for log redaction and for configuration error messages.
+    """
     low = key.lower()
     return any(part in low for part in _SECRET_PARTS)
 
@@ -74,6 +82,8 @@ def log_fields(**kw: Any) -> dict[str, Any]:
     """Structured fields for ``extra=``: keys upper-cased (journal field names), secrets redacted.
 
     ``None`` values are left out. Keys must be identifiers (``worker_id``, not ``worker-id``).
+    ``message_id`` must be a :class:`uuid.UUID` or 32 hex digits; it is passed on as 32 lowercase
+    hex digits (the journal's ``MESSAGE_ID`` format).
     """
     out: dict[str, Any] = {}
     for key, value in kw.items():
@@ -82,27 +92,45 @@ def log_fields(**kw: Any) -> dict[str, Any]:
             raise ValueError(f"invalid log field name {key!r}")
         if name in _RESERVED:
             raise ValueError(f"log field name {key!r} is reserved")
-        if value is not None:
-            out[name] = value
+        if value is None:
+            continue
+        if name == "MESSAGE_ID":
+            value = _message_id(value)
+        out[name] = value
     return redact(out)
 
 
+def _message_id(value: object) -> str:
+    if isinstance(value, uuid.UUID):
+        return value.hex
+    if isinstance(value, str) and _MESSAGE_ID_RE.match(value):
+        return value.lower()
+    raise ValueError(f"message_id must be a UUID or 32 hex digits, got {value!r}")
+
+
+def _is_field(name: str) -> bool:
+    """Whether a record attribute is a structured field (an upper-case name ``extra=`` set)."""
+    return _FIELD_RE.match(name) is not None and name not in _RESERVED
+
+
 def _record_fields(record: logging.LogRecord) -> dict[str, Any]:
-    """The structured fields on a record: the upper-case attributes that ``extra=`` put there."""
+    """The structured fields on a record, secret-looking ones redacted."""
     return {
-        k: v
-        for k, v in record.__dict__.items()
-        if _FIELD_RE.match(k) and k not in _RESERVED and k != "MESSAGE_ID"
+        k: (REDACTED if is_secret_key(k) else v) for k, v in record.__dict__.items() if _is_field(k)
     }
 
 
 class _RedactFilter(logging.Filter):
-    """Redacts secret-looking structured fields on every record the handler sees."""
+    """Redacts secret-looking structured fields on the record itself.
+
+    For handlers that send the record's attributes as they are (the JournalHandler).
+    :class:`PlainFormatter` redacts while it collects the fields, so the stderr handler does not
+    need this filter and each record's fields are collected once.
+    """
 
     def filter(self, record: logging.LogRecord) -> bool:
-        for key in _record_fields(record):
-            if is_secret_key(key):
-                setattr(record, key, REDACTED)
+        for key in [k for k in record.__dict__ if _is_field(k) and is_secret_key(k)]:
+            setattr(record, key, REDACTED)
         return True
 
 
@@ -114,7 +142,10 @@ def _format_value(value: Any) -> str:
 
 
 class PlainFormatter(logging.Formatter):
-    """``LEVEL agent: message key=value ...`` on one line (tracebacks follow on their own lines)."""
+    """``LEVEL agent: message key=value ...`` on one line (tracebacks follow on their own lines).
+
+    Secret-looking fields are shown as ``<redacted>``.
+    """
 
     def __init__(self, agent: str) -> None:
         super().__init__()
@@ -170,10 +201,10 @@ def setup_logging(agent: str, level: str = "info") -> logging.Handler:
     if journal_stream_active():
         handler = _journal_handler(agent)
         handler.setFormatter(logging.Formatter("%(message)s"))
+        handler.addFilter(_RedactFilter())
     else:
         handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(PlainFormatter(agent))
-    handler.addFilter(_RedactFilter())
+        handler.setFormatter(PlainFormatter(agent))  # redacts as it formats
     setattr(handler, _MARK, True)
     root = logging.getLogger()
     for old in list(root.handlers):

@@ -33,6 +33,7 @@ Lessons from ByteLeap's ranker, and what we do instead:
 
 from __future__ import annotations
 
+import functools
 import math
 import struct
 from bisect import bisect_right
@@ -213,6 +214,12 @@ _I64_MAX: Final = (1 << 63) - 1
 _U32_MAX: Final = (1 << 32) - 1
 
 
+@functools.lru_cache(maxsize=16)
+def _low_mask(n_bits: int) -> int:
+    """``2**n_bits - 1``, cached: a window's mask is reused by every mark of every bitmap."""
+    return (1 << n_bits) - 1
+
+
 def _bucket_of(unix_time: float, bucket_seconds: int) -> int:
     _finite("unix_time", unix_time)
     return int(unix_time // bucket_seconds)  # floor division is exact for int and float
@@ -247,7 +254,7 @@ class AvailabilityBitmap:
             raise ScoringError(f"head bucket {self.head} out of the 64-bit range")
         if isinstance(self.bits, bool) or not isinstance(self.bits, int):
             raise ScoringError(f"bits must be an integer, got {self.bits!r}")
-        if not 0 <= self.bits < (1 << self.n_buckets):
+        if self.bits < 0 or self.bits.bit_length() > self.n_buckets:
             raise ScoringError(f"bits must fit in n_buckets={self.n_buckets} bits")
 
     @classmethod
@@ -272,9 +279,7 @@ class AvailabilityBitmap:
             return AvailabilityBitmap(self.bucket_seconds, self.n_buckets, b, 1)
         if b > self.head:
             shift = b - self.head
-            kept = (
-                (self.bits << shift) & ((1 << self.n_buckets) - 1) if shift < self.n_buckets else 0
-            )
+            kept = (self.bits << shift) & _low_mask(self.n_buckets) if shift < self.n_buckets else 0
             return AvailabilityBitmap(self.bucket_seconds, self.n_buckets, b, kept | 1)
         k = self.head - b
         if k >= self.n_buckets or self.bits >> k & 1:
@@ -367,15 +372,20 @@ class LeaseInterval(NamedTuple):
     end: float
 
 
-def _leased_seconds(
+def _check_intervals(intervals: Iterable[tuple[float, float]]) -> None:
+    for start, end in intervals:
+        if _finite("lease start", start) > _finite("lease end", end):
+            raise ScoringError(f"lease interval ends before it starts: ({start!r}, {end!r})")
+
+
+def _union_seconds(
     intervals: Iterable[tuple[float, float]], window_start: float, window_end: float
 ) -> float:
+    """Seconds of ``[window_start, window_end]`` covered by the union of already checked
+    intervals (finite, ``start <= end``): clip, sort, merge, sum."""
     clipped: list[tuple[float, float]] = []
     for start, end in intervals:
-        s, e = _finite("lease start", start), _finite("lease end", end)
-        if e < s:
-            raise ScoringError(f"lease interval ends before it starts: ({start!r}, {end!r})")
-        s, e = max(s, window_start), min(e, window_end)
+        s, e = max(float(start), window_start), min(float(end), window_end)
         if e > s:
             clipped.append((s, e))
     clipped.sort()
@@ -393,6 +403,17 @@ def _leased_seconds(
     return total
 
 
+def _union_fraction(
+    intervals: Iterable[tuple[float, float]], window_start: float, window_end: float
+) -> float:
+    """:func:`lease_fraction` of already checked intervals over a finite window."""
+    if window_end <= window_start:
+        raise ScoringError(f"empty lease window [{window_start!r}, {window_end!r}]")
+    return _clamp01(
+        _union_seconds(intervals, window_start, window_end) / (window_end - window_start)
+    )
+
+
 def lease_fraction(
     intervals: Iterable[tuple[float, float]], window_start: float, window_end: float
 ) -> float:
@@ -407,7 +428,9 @@ def lease_fraction(
     ws, we = _finite("window_start", window_start), _finite("window_end", window_end)
     if we <= ws:
         raise ScoringError(f"empty lease window [{window_start!r}, {window_end!r}]")
-    return _clamp01(_leased_seconds(intervals, ws, we) / (we - ws))
+    intervals = list(intervals)  # may be an iterator: checked, then read again
+    _check_intervals(intervals)
+    return _union_fraction(intervals, ws, we)
 
 
 # --------------------------------------------------------------------------------------------
@@ -583,9 +606,7 @@ class WorkerInput:
             _finite("availability", self.availability)
         _non_negative_int("successes", self.successes)
         _non_negative_int("failures", self.failures)
-        for start, end in self.lease_intervals:
-            if _finite("lease start", start) > _finite("lease end", end):
-                raise ScoringError(f"lease interval ends before it starts: ({start!r}, {end!r})")
+        _check_intervals(self.lease_intervals)
         for t in self.throughputs:
             if _finite("throughput", t) < 0.0:
                 raise ScoringError(f"throughputs must be >= 0, got {t!r}")
@@ -699,9 +720,10 @@ def score_network(
         else:
             present = None
             avail = _clamp01(float(w.availability))
-        leased = _leased_seconds(w.lease_intervals, window_start, t_now)
+        # lease intervals were checked when the WorkerInput was built: merge without re-checking
+        leased = _union_seconds(w.lease_intervals, window_start, t_now)
         lease = _clamp01(leased / params.window_seconds)
-        ch_share = lease_fraction(w.lease_intervals, challenge_start, t_now)
+        ch_share = _union_fraction(w.lease_intervals, challenge_start, t_now)
         part = participation(w.successes, params.participation_baseline, ch_share)
         rank = ranks[key]
         challenge = challenge_score(part, rank, params)

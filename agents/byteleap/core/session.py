@@ -20,16 +20,19 @@ Handshake (three messages, SIGMA-style: ephemeral Diffie-Hellman authenticated b
 ``lp`` is length-prefixed concatenation, so no two different field lists hash alike. Both
 ephemeral keys and both identities are covered by both signatures, so a man in the middle that
 swaps an ephemeral key breaks a signature, and one that swaps an identity must sign as itself and is
-then refused by the caller's ``authorize`` callback (pinning and allow-lists live there). Distinct
-role labels stop a signature from one role being reflected as the other. The prologue names the
-link (e.g. ``b"byteleap/worker-miner/v1"``), so a session for one link cannot be replayed into
-another.
+then refused by the caller's ``authorize`` callback (pinning and allow-lists live there). The two
+signed messages have different field lists (the client's also covers ``sig_s``), so under ``lp``
+neither can ever equal the other and a signature cannot be reflected from one role to the other,
+even between two ends with the same key; the labels separate these signatures from anything else
+the same long-term key signs. The prologue names the link (e.g. ``b"byteleap/worker-miner/v1"``),
+so a session for one link cannot be replayed into another.
 
 Frames: ``header(version u8, key epoch u32, sequence u64) || AES-256-GCM(ciphertext || tag)``; the
 header is the associated data and the nonce is the per-epoch IV XOR the sequence number, so a nonce
 never repeats under a key. Each direction has its own key, sequence and replay window; keys ratchet
 forward (HKDF) every ``rekey_after_frames`` frames or ``rekey_after_seconds``; a session ends after
-``max_age_seconds`` and the caller must handshake again.
+``max_age_seconds`` and the caller must handshake again. Sequence numbers cannot run out first: at
+most ``2**32`` epochs of at most ``2**24`` frames is ``2**56`` frames, far below ``2**64``.
 
 ``SecureSession.channel_binding`` is a 32-byte value derived with the traffic keys: equal on both
 ends, unique per session, unknown to anyone outside it. A higher layer proves it knows a shared
@@ -56,7 +59,14 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF, HKDFExpand
 
-from byteleap.core.identity import IdentityKind, PeerIdentity, Signer
+from byteleap.core import wire
+from byteleap.core.identity import (
+    PUBLIC_KEY_BYTES,
+    SIGNATURE_BYTES,
+    IdentityKind,
+    PeerIdentity,
+    Signer,
+)
 
 __all__ = [
     "FRAME_HEADER_BYTES",
@@ -99,10 +109,8 @@ FRAME_HEADER_BYTES = _HEADER.size  # 13
 _TAG_BYTES = 16
 FRAME_OVERHEAD = FRAME_HEADER_BYTES + _TAG_BYTES
 _U32_MAX = 2**32 - 1
-_U64_MAX = 2**64 - 1
 _X25519_BYTES = 32
 _NONCE_BYTES = 32
-_SIGNATURE_BYTES = 64
 
 
 # --------------------------------------------------------------------------------------------------
@@ -135,6 +143,8 @@ class HandshakeError(SessionError):
     )
 
     def __init__(self, reason: str, message: str) -> None:
+        if reason not in self.REASONS:
+            raise ValueError(f"unknown handshake failure reason {reason!r}")
         super().__init__(message)
         self.reason = reason
 
@@ -176,7 +186,12 @@ class MalformedFrame(SessionError):  # noqa: N818 - names are the protocol's voc
 
 @dataclass(frozen=True, slots=True)
 class SessionConfig:
-    """Limits and lifetimes. The defaults suit every ByteLeap link; tests shrink them."""
+    """Limits and lifetimes. The defaults suit every ByteLeap link; tests shrink them.
+
+    ``max_seal_bytes`` bounds the frames this end seals (``seal()`` refuses larger plaintext) and
+    ``max_open_bytes`` the frames it opens (``open()`` refuses larger frames): the two directions
+    of a link may have different limits. Both count whole frames, :data:`FRAME_OVERHEAD` included.
+    """
 
     handshake_timeout_seconds: float = 10.0
     max_handshake_bytes: int = 1024
@@ -185,7 +200,8 @@ class SessionConfig:
     rekey_after_frames: int = 1 << 20
     rekey_after_seconds: float = 3600.0
     max_age_seconds: float = 6 * 3600.0
-    max_frame_bytes: int = 16 * 1024 * 1024 + FRAME_OVERHEAD
+    max_seal_bytes: int = wire.MAX_FRAME_BYTES + FRAME_OVERHEAD
+    max_open_bytes: int = wire.MAX_FRAME_BYTES + FRAME_OVERHEAD
 
     def __post_init__(self) -> None:
         if not self.handshake_timeout_seconds > 0:
@@ -203,8 +219,9 @@ class SessionConfig:
             raise ValueError("rekey_after_seconds must be positive")
         if not self.max_age_seconds > 0:
             raise ValueError("max_age_seconds must be positive")
-        if self.max_frame_bytes <= FRAME_OVERHEAD:
-            raise ValueError(f"max_frame_bytes must exceed the {FRAME_OVERHEAD}-byte overhead")
+        for name in ("max_seal_bytes", "max_open_bytes"):
+            if getattr(self, name) <= FRAME_OVERHEAD:
+                raise ValueError(f"{name} must exceed the {FRAME_OVERHEAD}-byte overhead")
 
 
 Authorize = Callable[[PeerIdentity], bool]
@@ -215,15 +232,19 @@ Clock = Callable[[], float]
 # --------------------------------------------------------------------------------------------------
 # Wire messages (msgpack arrays, strict: exact types, exact lengths, no unknown fields)
 
-_Bytes32 = Annotated[bytes, msgspec.Meta(min_length=32, max_length=32)]
-_Signature = Annotated[bytes, msgspec.Meta(min_length=64, max_length=64)]
+_PublicKey = Annotated[
+    bytes, msgspec.Meta(min_length=PUBLIC_KEY_BYTES, max_length=PUBLIC_KEY_BYTES)
+]
+_Ephemeral = Annotated[bytes, msgspec.Meta(min_length=_X25519_BYTES, max_length=_X25519_BYTES)]
+_Nonce = Annotated[bytes, msgspec.Meta(min_length=_NONCE_BYTES, max_length=_NONCE_BYTES)]
+_Signature = Annotated[bytes, msgspec.Meta(min_length=SIGNATURE_BYTES, max_length=SIGNATURE_BYTES)]
 _Prologue = Annotated[bytes, msgspec.Meta(min_length=1, max_length=MAX_PROLOGUE_BYTES)]
 _Version = Annotated[int, msgspec.Meta(ge=0, le=255)]
 
 
 class WireIdentity(msgspec.Struct, frozen=True, array_like=True, forbid_unknown_fields=True):
     kind: IdentityKind
-    public_key: _Bytes32
+    public_key: _PublicKey
 
 
 class ClientHello(
@@ -231,8 +252,8 @@ class ClientHello(
 ):
     version: _Version
     prologue: _Prologue
-    ephemeral: _Bytes32
-    nonce: _Bytes32
+    ephemeral: _Ephemeral
+    nonce: _Nonce
     identity: WireIdentity
 
 
@@ -240,8 +261,8 @@ class ServerHello(
     msgspec.Struct, frozen=True, array_like=True, forbid_unknown_fields=True, tag="server_hello"
 ):
     version: _Version
-    ephemeral: _Bytes32
-    nonce: _Bytes32
+    ephemeral: _Ephemeral
+    nonce: _Nonce
     identity: WireIdentity
     signature: _Signature
 
@@ -335,8 +356,8 @@ def _x25519(private: X25519PrivateKey, peer_public: bytes) -> bytes:
     return shared
 
 
-def _identity_of(wire: WireIdentity) -> PeerIdentity:
-    return PeerIdentity(wire.kind, wire.public_key)
+def _identity_of(claimed: WireIdentity) -> PeerIdentity:
+    return PeerIdentity(claimed.kind, claimed.public_key)
 
 
 def _wire(identity: PeerIdentity) -> WireIdentity:
@@ -353,8 +374,15 @@ def _check_prologue(prologue: bytes) -> bytes:
 # Handshake
 
 
+_R = TypeVar("_R")
+
+
 class _Handshake:
-    """Shared plumbing: deadline, single-use state, peer policy."""
+    """Shared plumbing: arguments, deadline, single-use state, peer policy, state wiping.
+
+    ``authorize`` is the caller's policy for the peer's identity; ``peer_kind``, if given, is
+    enforced before it. ``config`` defaults to :class:`SessionConfig`'s defaults.
+    """
 
     _NEW, _WAITING, _DONE, _FAILED = "new", "waiting", "done", "failed"
 
@@ -363,35 +391,46 @@ class _Handshake:
         signer: Signer,
         authorize: Authorize,
         prologue: bytes,
-        config: SessionConfig,
-        clock: Clock,
-        peer_kind: IdentityKind | None,
+        config: SessionConfig | None = None,
+        clock: Clock = time.monotonic,
+        *,
+        peer_kind: IdentityKind | None = None,
     ) -> None:
         self._signer = signer
         self._authorize = authorize
         self._prologue = _check_prologue(prologue)
-        self._config = config
+        self._config = config or SessionConfig()
         self._clock = clock
         self._peer_kind = peer_kind
-        self._deadline = clock() + config.handshake_timeout_seconds
+        self._deadline = clock() + self._config.handshake_timeout_seconds
         self._state = self._NEW
-        self._ephemeral: X25519PrivateKey | None = None
+        self._wipe()
 
     @property
     def deadline(self) -> float:
         """Clock time by which the handshake must complete; the caller closes the transport then."""
         return self._deadline
 
-    def _enter(self, expected: str, step: str) -> None:
+    def _wipe(self) -> None:
+        """Drop the per-handshake state (ephemeral key, shared secret, transcript).
+
+        Called on construction (to initialise it), on failure and on completion: the one place
+        that knows what a subclass keeps between steps.
+        """
+
+    def _step(self, expected: str, step: str, run: Callable[[], _R]) -> _R:
+        """Run one handshake step: state and deadline checks first; any failure (including in
+        ``authorize``) ends the handshake for good."""
         if self._state != expected:
             _fail("state", f"{step}() called in state {self._state!r}")
-        if self._clock() > self._deadline:
-            self._abort()
-            _fail("timeout", "handshake did not complete before its deadline")
-
-    def _abort(self) -> None:
-        self._state = self._FAILED
-        self._ephemeral = None
+        try:
+            if self._clock() > self._deadline:
+                _fail("timeout", "handshake did not complete before its deadline")
+            return run()
+        except BaseException:
+            self._state = self._FAILED
+            self._wipe()
+            raise
 
     def _admit(self, peer: PeerIdentity) -> None:
         if self._peer_kind is not None and peer.kind is not self._peer_kind:
@@ -418,7 +457,7 @@ class _Handshake:
         )
         c2s, s2c, binding = okm[:32], okm[32:64], okm[64:]
         self._state = self._DONE
-        self._ephemeral = None
+        self._wipe()
         return SecureSession(
             peer=peer,
             send_secret=c2s if initiator else s2c,
@@ -436,22 +475,22 @@ class Initiator(_Handshake):
     session is returned only after both. ``peer_kind``, if given, is enforced first.
     """
 
-    def __init__(
-        self,
-        signer: Signer,
-        authorize: Authorize,
-        prologue: bytes,
-        config: SessionConfig | None = None,
-        clock: Clock = time.monotonic,
-        *,
-        peer_kind: IdentityKind | None = None,
-    ) -> None:
-        super().__init__(signer, authorize, prologue, config or SessionConfig(), clock, peer_kind)
-        self._hello = b""
+    _ephemeral: X25519PrivateKey | None
+    _client_hello: bytes
+
+    def _wipe(self) -> None:
+        self._ephemeral = None
+        self._client_hello = b""
 
     def hello(self) -> bytes:
         """The ClientHello to send."""
-        self._enter(self._NEW, "hello")
+        return self._step(self._NEW, "hello", self._hello)
+
+    def finish(self, server_hello: bytes) -> tuple[bytes, SecureSession]:
+        """Verify the ServerHello; return the ClientFinish to send and the ready session."""
+        return self._step(self._WAITING, "finish", lambda: self._finish(server_hello))
+
+    def _hello(self) -> bytes:
         self._ephemeral = X25519PrivateKey.generate()
         message = ClientHello(
             version=HANDSHAKE_VERSION,
@@ -460,18 +499,9 @@ class Initiator(_Handshake):
             nonce=secrets.token_bytes(_NONCE_BYTES),
             identity=_wire(self._signer.identity),
         )
-        self._hello = _ENCODER.encode(message)
+        self._client_hello = _ENCODER.encode(message)
         self._state = self._WAITING
-        return self._hello
-
-    def finish(self, server_hello: bytes) -> tuple[bytes, SecureSession]:
-        """Verify the ServerHello; return the ClientFinish to send and the ready session."""
-        self._enter(self._WAITING, "finish")
-        try:
-            return self._finish(server_hello)
-        except BaseException:  # any failure (including in authorize) ends the handshake
-            self._abort()
-            raise
+        return self._client_hello
 
     def _finish(self, data: bytes) -> tuple[bytes, SecureSession]:
         assert self._ephemeral is not None
@@ -483,7 +513,7 @@ class Initiator(_Handshake):
             _fail("bad_key", "server reflected the client's ephemeral key")
         shared = _x25519(self._ephemeral, message.ephemeral)
         transcript = _transcript_hash(
-            self._prologue, self._hello, message.ephemeral, message.nonce, peer
+            self._prologue, self._client_hello, message.ephemeral, message.nonce, peer
         )
         if not peer.verify(_lp(_ROLE_SERVER, transcript), message.signature):
             _fail("bad_signature", f"server signature does not verify for {peer}")
@@ -508,30 +538,22 @@ class Responder(_Handshake):
     signature in ``complete()``, and no session exists before that.
     """
 
-    def __init__(
-        self,
-        signer: Signer,
-        authorize: Authorize,
-        prologue: bytes,
-        config: SessionConfig | None = None,
-        clock: Clock = time.monotonic,
-        *,
-        peer_kind: IdentityKind | None = None,
-    ) -> None:
-        super().__init__(signer, authorize, prologue, config or SessionConfig(), clock, peer_kind)
-        self._peer: PeerIdentity | None = None
-        self._shared = b""
-        self._transcript = b""
-        self._server_signature = b""
+    _peer: PeerIdentity | None
+    _shared: bytes
+    _transcript: bytes
+    _server_signature: bytes
+
+    def _wipe(self) -> None:
+        self._peer = None
+        self._shared = self._transcript = self._server_signature = b""
 
     def respond(self, client_hello: bytes) -> bytes:
         """Check the ClientHello and return the ServerHello to send."""
-        self._enter(self._NEW, "respond")
-        try:
-            return self._respond(client_hello)
-        except BaseException:  # any failure (including in authorize) ends the handshake
-            self._abort()
-            raise
+        return self._step(self._NEW, "respond", lambda: self._respond(client_hello))
+
+    def complete(self, client_finish: bytes) -> SecureSession:
+        """Verify the ClientFinish and return the ready session."""
+        return self._step(self._WAITING, "complete", lambda: self._complete(client_finish))
 
     def _respond(self, data: bytes) -> bytes:
         message = _decode(data, ClientHello, self._config.max_handshake_bytes)
@@ -539,10 +561,10 @@ class Responder(_Handshake):
             _fail("prologue_mismatch", "client is speaking about a different link (prologue)")
         peer = _identity_of(message.identity)
         self._admit(peer)
-        self._ephemeral = X25519PrivateKey.generate()
-        shared = _x25519(self._ephemeral, message.ephemeral)
+        ephemeral_key = X25519PrivateKey.generate()  # used once, here: never stored
+        shared = _x25519(ephemeral_key, message.ephemeral)
         own = self._signer.identity
-        ephemeral = _public_bytes(self._ephemeral)
+        ephemeral = _public_bytes(ephemeral_key)
         nonce = secrets.token_bytes(_NONCE_BYTES)
         transcript = _transcript_hash(self._prologue, data, ephemeral, nonce, own)
         signature = self._signer.sign(_lp(_ROLE_SERVER, transcript))
@@ -559,32 +581,21 @@ class Responder(_Handshake):
             )
         )
 
-    def complete(self, client_finish: bytes) -> SecureSession:
-        """Verify the ClientFinish and return the ready session."""
-        self._enter(self._WAITING, "complete")
-        try:
-            return self._complete(client_finish)
-        except BaseException:  # any failure (including in authorize) ends the handshake
-            self._abort()
-            self._shared = b""
-            raise
-
     def _complete(self, data: bytes) -> SecureSession:
-        assert self._peer is not None
+        peer = self._peer
+        assert peer is not None
         message = _decode(data, ClientFinish, self._config.max_handshake_bytes)
         signed = _lp(_ROLE_CLIENT, self._transcript, self._server_signature)
-        if not self._peer.verify(signed, message.signature):
-            _fail("bad_signature", f"client signature does not verify for {self._peer}")
-        session = self._session(
+        if not peer.verify(signed, message.signature):
+            _fail("bad_signature", f"client signature does not verify for {peer}")
+        return self._session(
             shared=self._shared,
             transcript=self._transcript,
             server_signature=self._server_signature,
             client_signature=message.signature,
-            peer=self._peer,
+            peer=peer,
             initiator=False,
         )
-        self._shared = b""
-        return session
 
 
 # --------------------------------------------------------------------------------------------------
@@ -643,6 +654,7 @@ class SecureSession:
         "_send_epoch_started",
         "_send_sequence",
         "_top",
+        "_window_mask",
     )
 
     def __init__(
@@ -669,6 +681,7 @@ class SecureSession:
         self._recv_next: _Cipher | None = None
         self._top = -1  # highest accepted sequence number
         self._bitmap = 0  # bit i set <=> sequence (top - i) accepted
+        self._window_mask = (1 << config.replay_window) - 1
 
     def __repr__(self) -> str:
         return f"SecureSession(peer={self._peer}, expires_at={self._expires_at:.3f})"
@@ -682,6 +695,11 @@ class SecureSession:
     def channel_binding(self) -> bytes:
         """32 bytes unique to this session and equal on both ends (see the module docstring)."""
         return self._binding
+
+    @property
+    def config(self) -> SessionConfig:
+        """The limits and lifetimes this session enforces."""
+        return self._config
 
     @property
     def expires_at(self) -> float:
@@ -700,8 +718,11 @@ class SecureSession:
         """Encrypt ``plaintext`` into the next frame in this direction."""
         now = self._clock()
         self._check_alive(now)
-        if len(plaintext) > self._config.max_frame_bytes - FRAME_OVERHEAD:
-            raise ValueError(f"plaintext of {len(plaintext)} bytes exceeds max_frame_bytes")
+        if len(plaintext) > self._config.max_seal_bytes - FRAME_OVERHEAD:
+            raise ValueError(
+                f"plaintext of {len(plaintext)} bytes exceeds max_seal_bytes "
+                f"({self._config.max_seal_bytes} less the {FRAME_OVERHEAD}-byte overhead)"
+            )
         if (
             self._send_epoch_frames >= self._config.rekey_after_frames
             or now - self._send_epoch_started >= self._config.rekey_after_seconds
@@ -711,9 +732,7 @@ class SecureSession:
             self._send = self._send.successor()
             self._send_epoch_frames = 0
             self._send_epoch_started = now
-        sequence = self._send_sequence
-        if sequence > _U64_MAX:
-            raise SessionExpired("sequence numbers exhausted; handshake again")
+        sequence = self._send_sequence  # < 2**56: see the module docstring
         header = _HEADER.pack(FRAME_VERSION, self._send.epoch, sequence)
         frame = header + self._send.seal(sequence, header, plaintext)
         self._send_sequence = sequence + 1
@@ -727,8 +746,9 @@ class SecureSession:
             raise MalformedFrame("a frame must be bytes")
         if len(frame) < FRAME_OVERHEAD:
             raise MalformedFrame(f"frame of {len(frame)} bytes is shorter than its overhead")
-        if len(frame) > self._config.max_frame_bytes:
-            raise MalformedFrame(f"frame of {len(frame)} bytes exceeds max_frame_bytes")
+        if len(frame) > self._config.max_open_bytes:
+            limit = self._config.max_open_bytes
+            raise MalformedFrame(f"frame of {len(frame)} bytes exceeds max_open_bytes ({limit})")
         version, epoch, sequence = _HEADER.unpack_from(frame)
         if version != FRAME_VERSION:
             raise MalformedFrame(f"unsupported frame version {version}")
@@ -767,13 +787,12 @@ class SecureSession:
             raise ReplayedFrame(f"sequence {sequence} was already received")
 
     def _mark(self, sequence: int) -> None:
-        window = self._config.replay_window
         if sequence > self._top:
             shift = sequence - self._top
-            if shift >= window:
+            if shift >= self._config.replay_window:
                 self._bitmap = 1
             else:
-                self._bitmap = ((self._bitmap << shift) | 1) & ((1 << window) - 1)
+                self._bitmap = ((self._bitmap << shift) | 1) & self._window_mask
             self._top = sequence
         else:
             self._bitmap |= 1 << (self._top - sequence)

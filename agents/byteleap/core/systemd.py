@@ -213,9 +213,7 @@ class ShutdownTrigger:
     async def _run(self) -> None:
         try:
             await self._on_stop()
-        except asyncio.CancelledError:
-            raise
-        except Exception:
+        except Exception:  # CancelledError is a BaseException: it propagates untouched
             log.exception("shutdown failed")
             raise
 

@@ -48,7 +48,8 @@ The size of a frame is checked before any parsing, against a limit per link and 
 * miner->worker: 64 KiB. Only control messages travel down to a worker (a reveal request of 256
   rows is under 1 KiB), so a compromised or buggy miner cannot make a worker buffer megabytes.
 
-Strings that end up in logs (model names, versions, device ids) are restricted to printable ASCII.
+Strings that end up in logs (model names, versions, device ids, error messages) are restricted to
+printable ASCII.
 """
 
 from __future__ import annotations
@@ -153,7 +154,12 @@ WORKER_TO_MINER_MAX_BYTES: Final = 8 * _MIB
 MINER_TO_WORKER_MAX_BYTES: Final = 64 * _KIB
 MINER_TO_VALIDATOR_MAX_BYTES: Final = 8 * _MIB
 VALIDATOR_TO_MINER_MAX_BYTES: Final = 8 * _MIB
-MAX_FRAME_BYTES: Final = 8 * _MIB
+MAX_FRAME_BYTES: Final = max(
+    WORKER_TO_MINER_MAX_BYTES,
+    MINER_TO_WORKER_MAX_BYTES,
+    MINER_TO_VALIDATOR_MAX_BYTES,
+    VALIDATOR_TO_MINER_MAX_BYTES,
+)
 """The largest frame any direction accepts (for transport buffers)."""
 
 # Challenge bounds come from the challenge spec so the wire cannot accept what a prover refuses.
@@ -197,6 +203,7 @@ _FrameId = Annotated[int, Meta(ge=0, le=_I63_MAX)]
 _ByteCount = Annotated[int, Meta(ge=0, le=_I63_MAX)]
 _Name = Annotated[str, Meta(max_length=64, pattern=_PRINTABLE)]
 _Text = Annotated[str, Meta(max_length=256, pattern=_PRINTABLE)]
+_ErrorText = Annotated[str, Meta(max_length=MAX_ERROR_MESSAGE, pattern=_PRINTABLE)]
 _RowValues = Annotated[bytes, Meta(min_length=MIN_N * 4, max_length=MAX_N * 4)]
 _MerklePath = Annotated[list[Digest], Meta(max_length=MAX_MERKLE_DEPTH)]
 _RowList = Annotated[list[RowIndex], Meta(min_length=1, max_length=MAX_REVEAL_ROWS)]
@@ -222,6 +229,7 @@ def _unique(values: Iterable[object], what: str) -> None:
 # Shared parts
 
 
+@enum.unique
 class ErrorCode(enum.IntEnum):
     """Stable error codes. Never renumber; ranges group them by layer.
 
@@ -264,7 +272,7 @@ class Error(Message, tag="error", frozen=True, kw_only=True):
     """
 
     code: ErrorCode
-    message: Annotated[str, Meta(max_length=MAX_ERROR_MESSAGE)] = ""
+    message: _ErrorText = ""
     ref: _FrameId = 0
 
 
@@ -500,7 +508,7 @@ class DeviceFailure(Message, tag="device_failure", frozen=True, kw_only=True):
     worker_id: WorkerId
     device_uuid: DeviceUuid
     code: ErrorCode
-    message: Annotated[str, Meta(max_length=MAX_ERROR_MESSAGE)] = ""
+    message: _ErrorText = ""
 
 
 class EchoReply(Message, tag="echo_reply", frozen=True, kw_only=True):
@@ -695,22 +703,36 @@ _TAG_DECODER: Final = msgspec.msgpack.Decoder(_TagProbe)
 _INT_DECODER: Final = msgspec.msgpack.Decoder(int)
 
 
+def _ascii_safe(text: str) -> str:
+    """``text`` with every character outside printable ASCII escaped (``\\n``, ``\\xe9``...).
+
+    Printable ASCII (backslashes included) is kept as it is, so the result is idempotent.
+    """
+    if text.isascii() and text.isprintable():
+        return text
+    return "".join(
+        c if " " <= c <= "~" else c.encode("unicode_escape").decode("ascii") for c in text
+    )
+
+
 class CodedError(Exception):
     """A refusal that maps to a wire :class:`Error`: ``code`` for the peer, ``message`` for people.
 
     Base of every agent-side refusal (registry, relay, challenge runner) so each one reports
-    itself to the peer the same way.
+    itself to the peer the same way. ``message`` is made printable ASCII (other characters are
+    escaped), as :class:`Error` requires: it may quote peer-supplied text and ends up in logs.
     """
 
     def __init__(self, code: ErrorCode, message: str, *, ref: int = 0) -> None:
+        message = _ascii_safe(message)
         super().__init__(message)
         self.code = code
         self.message = message
         self.ref = ref
 
     def to_error(self, ref: int | None = None) -> Error:
-        """The :class:`Error` message that reports this to the peer (message length-capped)."""
-        message = self.message
+        """The :class:`Error` message that reports this to the peer (escaped, length-capped)."""
+        message = _ascii_safe(self.message)
         if len(message) > MAX_ERROR_MESSAGE:
             message = message[: MAX_ERROR_MESSAGE - 3] + "..."
         return Error(code=self.code, message=message, ref=self.ref if ref is None else ref)
@@ -727,7 +749,7 @@ class WireError(CodedError):
         self, code: ErrorCode, message: str, *, ref: int = 0, peer_version: int | None = None
     ) -> None:
         super().__init__(code, message, ref=ref)
-        self.args = (f"{code.name}: {message}",)
+        self.args = (f"{code.name}: {self.message}",)
         self.peer_version = peer_version
 
 
@@ -797,10 +819,9 @@ def _probe_int(raw: msgspec.Raw) -> int | None:
     if not raw:
         return None
     try:
-        value = _INT_DECODER.decode(raw)
+        return _INT_DECODER.decode(raw)
     except Exception:  # best effort; the strict decoder's error stands
         return None
-    return value if isinstance(value, int) else None
 
 
 def _probe_tag(raw: msgspec.Raw) -> str | None:

@@ -156,9 +156,11 @@ async def run(prepared: Prepared, registry: WorkerRegistry) -> int:
     )
 
     async def shutdown() -> None:
-        await control.stop()
         assert server is not None
-        await server.stop()
+        try:
+            await control.stop()
+        finally:
+            await server.stop()
 
     trigger = install_signal_handlers(loop, shutdown, notifier)
     try:
@@ -186,8 +188,7 @@ async def run(prepared: Prepared, registry: WorkerRegistry) -> int:
         for task in (watchdog, status):
             task.cancel()
         await asyncio.gather(watchdog, status, return_exceptions=True)
-        registry.mark_all_offline()
-        registry.close()
+        registry.close()  # server.stop() marked every worker offline
     log.info("miner stopped")
     return EXIT_OK
 

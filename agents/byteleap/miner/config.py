@@ -8,6 +8,7 @@ import msgspec
 from msgspec import Meta
 
 from ..core.config import ConfigStruct, LoggingConfig, Port, PositiveSeconds
+from .registry import MAX_WORKERS
 
 DEFAULT_CONFIG_PATH = "/etc/byteleap/miner.yaml"
 ENV_PREFIX = "BYTELEAP_MINER"
@@ -26,7 +27,7 @@ class WorkerListen(ConfigStruct, frozen=True, kw_only=True):
 
 
 class WorkerPolicy(ConfigStruct, frozen=True, kw_only=True):
-    max_workers: Annotated[int, Meta(ge=1, le=100)] = 100
+    max_workers: Annotated[int, Meta(ge=1, le=MAX_WORKERS)] = MAX_WORKERS
     enrollment_secret_file: str = "/etc/byteleap/miner-enrollment.secret"  # noqa: S105 - a path
     heartbeat_interval_s: PositiveSeconds = 30.0
     heartbeat_timeout_s: PositiveSeconds = 90.0

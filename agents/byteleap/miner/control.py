@@ -265,15 +265,7 @@ class ControlServer:
         self, spec: ChallengeSpec, k: int, m: int, deadline_s: float
     ) -> dict[str, Any]:
         worker_id, device = spec.worker_id, spec.device_uuid
-        request = wire.ChallengeRequest(
-            challenge_id=spec.challenge_id,
-            seed=spec.seed,
-            miner_hotkey=spec.miner_hotkey,
-            device_uuid=device,
-            n=spec.n,
-            precision=spec.precision,
-            deadline_ms=max(1, int(deadline_s * 1000)),
-        )
+        request = wire.ChallengeRequest.from_spec(spec, deadline_ms=max(1, int(deadline_s * 1000)))
         start = time.perf_counter()
         try:
             commit = await self.connections.challenge(worker_id, request)

@@ -2,8 +2,8 @@
 
 A restart loses nothing: pinned keys, last inventory, presence and challenge counters live in one
 WAL-mode SQLite file in the miner's state directory. Only authenticated workers reach this module:
-the connection handler verifies the enrollment proof before ``enroll`` and the pinned key before
-anything else, so an unauthenticated client never leaves a row behind.
+the connection handler verifies the enrollment proof (or finds the key pinned) and the Register
+before :meth:`WorkerRegistry.register`, so an unauthenticated client never leaves a row behind.
 
 Capacity counts *enrolled* workers (pinned keys), not connections: a known worker can always come
 back, and the 101st new one is refused until an operator removes a retired worker.
@@ -11,7 +11,6 @@ back, and the 101st new one is refused until an operator removes a retired worke
 
 from __future__ import annotations
 
-import hmac
 import sqlite3
 import threading
 import time
@@ -30,12 +29,8 @@ MAX_WORKERS = 100
 SCHEMA_VERSION = 1
 
 
-class RegistryError(Exception):
+class RegistryError(wire.CodedError):
     """A registry operation was refused; ``code`` is the wire error to send the worker."""
-
-    def __init__(self, code: wire.ErrorCode, message: str) -> None:
-        super().__init__(message)
-        self.code = code
 
 
 class WorkerRecord(msgspec.Struct, frozen=True):
@@ -107,57 +102,74 @@ class WorkerRegistry:
         with self._lock:
             self._db.close()
 
-    # ---------------------------------------------------------------- authentication
-
-    def pinned_key(self, worker_id: str) -> bytes | None:
-        with self._lock:
-            rows = list(
-                self._db.query("SELECT public_key FROM workers WHERE worker_id = ?", [worker_id])
-            )
-        return bytes(rows[0]["public_key"]) if rows else None
+    # ---------------------------------------------------------------- admission
 
     def check_known(self, public_key: bytes) -> str | None:
         """The worker id of a pinned key, or None for a key that must enroll first."""
-        worker_id = worker_id_of(public_key)
-        pinned = self.pinned_key(worker_id)
-        if pinned is None:
-            return None
-        if not hmac.compare_digest(pinned, public_key):
-            raise RegistryError(wire.ErrorCode.KEY_MISMATCH, "worker id pinned to another key")
-        return worker_id
-
-    def enroll(self, public_key: bytes, agent_version: str) -> str:
-        """Pin a new worker's key (its enrollment proof was verified by the caller)."""
-        worker_id = worker_id_of(public_key)
-        with self._transaction():
-            existing = list(
-                self._db.query("SELECT public_key FROM workers WHERE worker_id = ?", [worker_id])
+        with self._lock:
+            rows = list(
+                self._db.query("SELECT worker_id FROM workers WHERE public_key = ?", [public_key])
             )
-            if existing:
-                if not hmac.compare_digest(bytes(existing[0]["public_key"]), public_key):
-                    raise RegistryError(
-                        wire.ErrorCode.KEY_MISMATCH, "worker id pinned to another key"
-                    )
-                return worker_id
-            count = next(self._db.query("SELECT count(*) AS n FROM workers"))["n"]
-            if count >= self._max_workers:
-                raise RegistryError(
-                    wire.ErrorCode.CAPACITY_REACHED,
-                    f"this miner already has {count} workers (maximum {self._max_workers}); "
-                    "remove a retired worker with 'byteleapctl workers remove' first",
+        return str(rows[0]["worker_id"]) if rows else None
+
+    def check_capacity(self) -> None:
+        """Raise ``CAPACITY_REACHED`` when no new worker may enroll."""
+        with self._lock:
+            self._check_capacity()
+
+    def _check_capacity(self) -> None:  # the caller holds the lock
+        count = int(next(self._db.query("SELECT count(*) AS n FROM workers"))["n"])
+        if count >= self._max_workers:
+            raise RegistryError(
+                wire.ErrorCode.CAPACITY_REACHED,
+                f"this miner already has {count} workers (maximum {self._max_workers}); "
+                "remove a retired worker with 'byteleapctl workers remove' first",
+            )
+
+    def register(
+        self,
+        public_key: bytes,
+        agent_version: str,
+        inventory: wire.Inventory,
+        *,
+        enroll: bool,
+    ) -> bool:
+        """Mark a worker online with its inventory, in one transaction; True if pinned just now.
+
+        ``enroll``: the caller verified the enrollment proof, so an unknown key is pinned (within
+        capacity); without it an unknown key (e.g. removed by the operator since its proof was
+        checked) is refused with ``NOT_ENROLLED``.
+        """
+        worker_id = worker_id_of(public_key)
+        blob = msgspec.msgpack.encode(inventory)
+        now = self._clock()
+        with self._transaction():
+            # worker_id is derived from the key, so a lookup by key is the pinning check.
+            known = list(self._db.query("SELECT 1 FROM workers WHERE public_key = ?", [public_key]))
+            if known:
+                self._db.execute(
+                    "UPDATE workers SET online = 1, last_seen = ?, agent_version = ?, "
+                    "inventory = ? WHERE worker_id = ?",
+                    [now, agent_version, blob, worker_id],
                 )
+                return False
+            if not enroll:
+                raise RegistryError(
+                    wire.ErrorCode.NOT_ENROLLED, "this worker is not enrolled (was it removed?)"
+                )
+            self._check_capacity()
             self._db.table("workers").insert(
                 {
                     "worker_id": worker_id,
                     "public_key": public_key,
-                    "enrolled_at": self._clock(),
-                    "last_seen": None,
-                    "online": 0,
+                    "enrolled_at": now,
+                    "last_seen": now,
+                    "online": 1,
                     "agent_version": agent_version,
-                    "inventory": None,
+                    "inventory": blob,
                 }
             )
-        return worker_id
+        return True
 
     def remove(self, worker_id: str) -> bool:
         with self._transaction():
@@ -166,44 +178,19 @@ class WorkerRegistry:
 
     # ---------------------------------------------------------------- presence and state
 
-    def mark_online(self, worker_id: str, agent_version: str) -> None:
-        with self._transaction():
-            self._db.execute(
-                "UPDATE workers SET online = 1, last_seen = ?, agent_version = ? "
-                "WHERE worker_id = ?",
-                [self._clock(), agent_version, worker_id],
-            )
-
     def touch(self, worker_id: str) -> None:
-        """Record a heartbeat."""
+        """Record that the worker was seen now (the caller rate-limits these writes)."""
         with self._transaction():
             self._db.execute(
-                "UPDATE workers SET last_seen = ?, online = 1 WHERE worker_id = ?",
-                [self._clock(), worker_id],
+                "UPDATE workers SET last_seen = ? WHERE worker_id = ?", [self._clock(), worker_id]
             )
 
     def mark_offline(self, worker_id: str) -> None:
         with self._transaction():
             self._db.execute("UPDATE workers SET online = 0 WHERE worker_id = ?", [worker_id])
 
-    def expire(self, timeout_s: float) -> list[str]:
-        """Mark workers silent for longer than ``timeout_s`` offline; returns their ids."""
-        cutoff = self._clock() - timeout_s
-        with self._transaction():
-            stale = [
-                r["worker_id"]
-                for r in self._db.query(
-                    "SELECT worker_id FROM workers WHERE online = 1 AND "
-                    "(last_seen IS NULL OR last_seen < ?)",
-                    [cutoff],
-                )
-            ]
-            for worker_id in stale:
-                self._db.execute("UPDATE workers SET online = 0 WHERE worker_id = ?", [worker_id])
-        return stale
-
     def mark_all_offline(self) -> None:
-        """At start-up nobody is connected yet, whatever the file says."""
+        """At start-up and shutdown nobody is connected, whatever the file says."""
         with self._transaction():
             self._db.execute("UPDATE workers SET online = 0")
 
@@ -238,10 +225,11 @@ class WorkerRegistry:
         with self._lock:
             return int(next(self._db.query("SELECT count(*) AS n FROM workers"))["n"])
 
-    def online_count(self) -> int:
+    def online_ids(self) -> set[str]:
+        """Ids of the workers marked online (cheap: no inventories decoded)."""
         with self._lock:
-            row = next(self._db.query("SELECT count(*) AS n FROM workers WHERE online = 1"))
-        return int(row["n"])
+            rows = list(self._db.query("SELECT worker_id FROM workers WHERE online = 1"))
+        return {str(r["worker_id"]) for r in rows}
 
 
 def _record(row: dict[str, Any]) -> WorkerRecord:

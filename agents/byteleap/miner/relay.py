@@ -71,7 +71,7 @@ IsLeased = Callable[[str, str], bool]
 _M = TypeVar("_M", bound=wire.Message)
 
 
-class RelayError(Exception):
+class RelayError(wire.CodedError):
     """A request the relay refused or the worker failed; ``code`` is the wire error code."""
 
     def __init__(
@@ -82,9 +82,8 @@ class RelayError(Exception):
         worker_id: str = "",
         device_uuid: str | None = None,
     ) -> None:
-        super().__init__(f"{code.name}: {message}")
-        self.code = code
-        self.message = message
+        super().__init__(code, message)
+        self.args = (f"{code.name}: {message}",)
         self.worker_id = worker_id
         self.device_uuid = device_uuid
 
@@ -132,22 +131,18 @@ class WorkerLink:
         channel: Sender,
         inventory: wire.Inventory,
         *,
-        agent_version: str = "",
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.worker_id = worker_id
         self.channel = channel
         self.inventory = inventory
-        self.agent_version = agent_version
-        self.connected_at = clock()
-        self.last_heartbeat = self.connected_at
+        self.last_heartbeat = clock()
         """``clock()`` time of registration or of the last heartbeat."""
         self.heartbeat: wire.Heartbeat | None = None
         self._clock = clock
         self._pending: dict[int, _Pending] = {}
-        self._busy: set[str] = set()
-        self._late: dict[int, str | None] = {}
-        self._late_timers: dict[int, asyncio.TimerHandle] = {}
+        # Timed-out requests the worker may still answer: their device, and the grace timer.
+        self._late: dict[int, tuple[str | None, asyncio.TimerHandle]] = {}
         self._closed: RelayError | None = None
 
     def __repr__(self) -> str:
@@ -160,7 +155,9 @@ class WorkerLink:
     @property
     def busy_devices(self) -> frozenset[str]:
         """Devices with a challenge in flight (or timed out and not yet answered)."""
-        return frozenset(self._busy)
+        pending = (item.device for item in self._pending.values())
+        late = (device for device, _timer in self._late.values())
+        return frozenset(d for d in (*pending, *late) if d is not None)
 
     @property
     def pending(self) -> int:
@@ -185,8 +182,6 @@ class WorkerLink:
                 log.debug("late answer %s to request %d dropped", type(msg).__name__, key)
                 return True
             return False
-        if pending.device is not None:
-            self._busy.discard(pending.device)
         if pending.future.done():
             return True
         if isinstance(msg, wire.Error):
@@ -221,11 +216,9 @@ class WorkerLink:
                 item.future.set_exception(
                     RelayError(code, message, worker_id=self.worker_id, device_uuid=item.device)
                 )
-        for timer in self._late_timers.values():
+        late, self._late = self._late, {}
+        for _device, timer in late.values():
             timer.cancel()
-        self._late_timers.clear()
-        self._late.clear()
-        self._busy.clear()
 
     def _register(self, cid: int, item: _Pending) -> None:
         if self._closed is not None:
@@ -236,8 +229,6 @@ class WorkerLink:
                 device_uuid=item.device,
             )
         self._pending[cid] = item
-        if item.device is not None:
-            self._busy.add(item.device)
 
     def _unregister(self, cid: int, *, timed_out: bool, grace: float) -> None:
         item = self._pending.pop(cid, None)
@@ -245,19 +236,13 @@ class WorkerLink:
             return
         if timed_out and self._closed is None:
             # Keep the device busy: the worker is still computing and will answer late.
-            self._late[cid] = item.device
-            loop = asyncio.get_running_loop()
-            self._late_timers[cid] = loop.call_later(grace, self._finish_late, cid)
-        elif item.device is not None:
-            self._busy.discard(item.device)
+            timer = asyncio.get_running_loop().call_later(grace, self._finish_late, cid)
+            self._late[cid] = (item.device, timer)
 
     def _finish_late(self, cid: int) -> None:
-        device = self._late.pop(cid, None)
-        timer = self._late_timers.pop(cid, None)
-        if timer is not None:
-            timer.cancel()
-        if device is not None:
-            self._busy.discard(device)
+        late = self._late.pop(cid, None)
+        if late is not None:
+            late[1].cancel()
 
 
 class WorkerConnections:

@@ -17,8 +17,9 @@ One aiohttp handler per connection runs the sequence of the protocol:
 5. steady state: heartbeats, inventory updates, and answers to relayed requests
    (:mod:`byteleap.miner.relay`).
 
-Every refusal happens before any registry write; steps 3-4 share the handshake deadline. A sweeper
-task closes workers silent for longer than ``policy.heartbeat_timeout_s`` and marks them offline.
+Every refusal happens before any registry write (admission writes once, in one transaction); steps
+3-4 share the handshake deadline. A sweeper task closes workers silent for longer than
+``policy.heartbeat_timeout_s`` and marks them offline.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ import asyncio
 import contextlib
 import hmac
 import logging
+import sqlite3
 import ssl
 import time
 from collections.abc import Callable, Coroutine
@@ -35,7 +37,15 @@ from typing import Any
 from aiohttp import web
 
 from ..core import wire
-from ..core.channel import AcceptFailed, Channel, ChannelClosed, CloseCode, RateLimiter, accept
+from ..core.channel import (
+    AcceptFailed,
+    Channel,
+    ChannelClosed,
+    CloseCode,
+    RateLimiter,
+    accept,
+    close_reason,
+)
 from ..core.credentials import enrollment_mac
 from ..core.identity import IdentityKind, PeerIdentity, Signer, worker_id_of
 from ..core.logs import log_fields
@@ -47,7 +57,6 @@ from .relay import WorkerConnections, WorkerLink
 __all__ = [
     "PROLOGUE",
     "MinerServer",
-    "enrollment_mac",
     "tls_context",
 ]
 
@@ -57,6 +66,8 @@ PROLOGUE = wire.WORKER_MINER_PROLOGUE
 LINK = wire.Link.WORKER_MINER
 MAX_SWEEP_INTERVAL_S = 5.0
 REFUSAL_CLOSE_TIMEOUT_S = 1.0
+LAST_SEEN_WRITE_INTERVAL_S = 60.0
+"""Heartbeats update the registry's ``last_seen`` at most this often per connection."""
 
 _REFUSAL_CLOSE: dict[wire.ErrorCode, CloseCode] = {
     wire.ErrorCode.AUTH_FAILED: CloseCode.UNAUTHORIZED,
@@ -88,12 +99,21 @@ def _accept_any_worker(_: PeerIdentity) -> bool:
     return True
 
 
-class _Refused(Exception):  # noqa: N818 - internal control flow
-    def __init__(self, code: wire.ErrorCode, message: str, close: CloseCode) -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message
-        self.close = close
+class _Refused(wire.CodedError):
+    """Refuse the connection: ``to_error()`` goes to the worker, then a close with ``close``
+    (by default the one :data:`_REFUSAL_CLOSE` maps ``code`` to)."""
+
+    def __init__(
+        self, code: wire.ErrorCode, message: str, *, close: CloseCode | None = None
+    ) -> None:
+        super().__init__(code, message)
+        self.close = (
+            close if close is not None else _REFUSAL_CLOSE.get(code, CloseCode.PROTOCOL_ERROR)
+        )
+
+    @classmethod
+    def of(cls, exc: wire.CodedError) -> _Refused:
+        return cls(exc.code, exc.message)
 
 
 class MinerServer:
@@ -111,6 +131,7 @@ class MinerServer:
         ssl_context: ssl.SSLContext | None = None,
         close_timeout_s: float = 5.0,
         sweep_interval_s: float | None = None,
+        last_seen_interval_s: float = LAST_SEEN_WRITE_INTERVAL_S,
         on_change: Callable[[], None] | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
@@ -128,6 +149,7 @@ class MinerServer:
         self._sweep_interval = sweep_interval_s or min(
             MAX_SWEEP_INTERVAL_S, self.policy.heartbeat_timeout_s / 4
         )
+        self._last_seen_interval = last_seen_interval_s
         self._on_change = on_change
         self._clock = clock
         self._open = 0
@@ -183,8 +205,10 @@ class MinerServer:
             task.cancel()
         if self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)
-        with contextlib.suppress(Exception):  # the registry may be closed by a careless caller
+        try:  # the handlers marked their workers offline; this also covers a failed write
             self.registry.mark_all_offline()
+        except sqlite3.Error:
+            log.exception("could not mark the workers offline in the registry")
 
     @property
     def addresses(self) -> list[tuple[str, int]]:
@@ -215,8 +239,7 @@ class MinerServer:
         if link is None:
             return False
         if self.connections.detach(link, reason):
-            with contextlib.suppress(Exception):
-                self.registry.mark_offline(worker_id)
+            self._mark_offline(worker_id)
             self._changed()
         await self._close(link.channel, CloseCode.UNAUTHORIZED, reason)
         return True
@@ -235,6 +258,16 @@ class MinerServer:
             self._on_change()
         except Exception:
             log.exception("status callback failed")
+
+    def _mark_offline(self, worker_id: str) -> None:
+        """A failed write is logged; the sweep's backstop retries it."""
+        try:
+            self.registry.mark_offline(worker_id)
+        except sqlite3.Error:
+            log.exception(
+                "could not mark the worker offline in the registry",
+                extra=log_fields(worker_id=worker_id),
+            )
 
     def _spawn(self, coro: Coroutine[Any, Any, Any], name: str) -> None:
         task = asyncio.create_task(coro, name=name)
@@ -264,18 +297,18 @@ class MinerServer:
         for link in dead:
             reason = f"no heartbeat for {timeout:g} s"
             if self.connections.detach(link, reason):
-                self.registry.mark_offline(link.worker_id)
+                self._mark_offline(link.worker_id)
                 gone.append(link.worker_id)
                 log.warning(
                     "worker missed its heartbeats; closing",
                     extra=log_fields(worker_id=link.worker_id, timeout_s=timeout),
                 )
             self._spawn(self._close(link.channel, CloseCode.GOING_AWAY, reason), "miner-close-dead")
-        # Backstop: a row online without a live connection (nothing else should leave one).
-        for record in self.registry.workers():
-            if record.online and record.worker_id not in self.connections:
-                self.registry.mark_offline(record.worker_id)
-                gone.append(record.worker_id)
+        # Backstop: a row online without a live connection, left by a mark_offline that failed
+        # (in an earlier sweep or handler: one failed just now is retried on the next tick).
+        for worker_id in self.registry.online_ids() - set(self.connections) - set(gone):
+            self.registry.mark_offline(worker_id)
+            gone.append(worker_id)
         if gone:
             self._changed()
         return gone
@@ -308,7 +341,7 @@ class MinerServer:
         await ws.prepare(request)
         code = CloseCode.GOING_AWAY if self._stopping else CloseCode.CAPACITY_REACHED
         with contextlib.suppress(Exception):
-            await ws.close(code=code, message=reason.encode()[:120])
+            await ws.close(code=code, message=close_reason(reason).encode())
         return ws
 
     async def _serve(self, request: web.Request) -> web.StreamResponse:
@@ -350,7 +383,7 @@ class MinerServer:
                 extra=log_fields(worker_id=worker_id, peer=request.remote, error=refusal.code.name),
             )
             with contextlib.suppress(ChannelClosed, wire.WireError):
-                await channel.send_error(refusal.code, refusal.message)
+                await channel.send(refusal.to_error())
             await channel.close(refusal.close, refusal.message)
         except ChannelClosed as exc:
             level = logging.INFO if exc.by_peer else logging.WARNING
@@ -366,8 +399,7 @@ class MinerServer:
                 await channel.send_error(wire.ErrorCode.INTERNAL, "internal error")
         finally:
             if link is not None and self.connections.detach(link):
-                with contextlib.suppress(Exception):  # registry closed during shutdown
-                    self.registry.mark_offline(worker_id)
+                self._mark_offline(worker_id)
                 log.info("worker offline", extra=log_fields(worker_id=worker_id))
                 self._changed()
             await channel.close()
@@ -376,9 +408,8 @@ class MinerServer:
     async def _admit(
         self, channel: Channel, worker_id: str, peer: str | None
     ) -> tuple[WorkerLink, int]:
-        """EnrollProof then Register, under the handshake deadline; the only registry writes
-        happen at the end, after every check passed."""
-        public_key = channel.peer.public_key
+        """EnrollProof then Register, under the handshake deadline; the only registry write
+        happens at the end, after every check passed."""
         try:
             async with asyncio.timeout(self.policy.handshake_timeout_s):
                 first = await channel.recv()
@@ -388,46 +419,36 @@ class MinerServer:
             raise _Refused(
                 wire.ErrorCode.NOT_ENROLLED,
                 "enrollment not completed in time",
-                CloseCode.HANDSHAKE_FAILED,
+                close=CloseCode.HANDSHAKE_FAILED,
             ) from None
         register = second.msg
         if not isinstance(register, wire.Register):
             raise _Refused(
                 wire.ErrorCode.UNEXPECTED_MESSAGE,
                 f"expected Register, got {type(register).__name__}",
-                CloseCode.PROTOCOL_ERROR,
             )
         if register.worker_id != worker_id:
             raise _Refused(
-                wire.ErrorCode.KEY_MISMATCH,
-                "worker_id does not belong to this session's key",
-                CloseCode.UNAUTHORIZED,
+                wire.ErrorCode.KEY_MISMATCH, "worker_id does not belong to this session's key"
             )
         if self._stopping:
-            raise _Refused(
-                wire.ErrorCode.SHUTTING_DOWN, "miner shutting down", CloseCode.GOING_AWAY
+            raise _Refused(wire.ErrorCode.SHUTTING_DOWN, "miner shutting down")
+        # No await from here to attach(): the sweeper and other handlers see one consistent step.
+        try:
+            enrolled = self.registry.register(
+                channel.peer.public_key,
+                register.agent_version,
+                register.inventory,
+                enroll=not known,
             )
-        if not known:
-            try:
-                self.registry.enroll(public_key, register.agent_version)
-            except RegistryError as exc:
-                raise _Refused(
-                    exc.code, str(exc), _REFUSAL_CLOSE.get(exc.code, CloseCode.UNAUTHORIZED)
-                ) from None
+        except RegistryError as exc:
+            raise _Refused.of(exc) from None
+        if enrolled:
             log.info(
                 "enrolled new worker",
                 extra=log_fields(worker_id=worker_id, peer=peer, version=register.agent_version),
             )
-        # No await from here to attach(): the sweeper and other handlers see one consistent step.
-        self.registry.mark_online(worker_id, register.agent_version)
-        self.registry.update_inventory(worker_id, register.inventory)
-        link = WorkerLink(
-            worker_id,
-            channel,
-            register.inventory,
-            agent_version=register.agent_version,
-            clock=self._clock,
-        )
+        link = WorkerLink(worker_id, channel, register.inventory, clock=self._clock)
         old = self.connections.attach(link)
         if old is not None:
             log.info(
@@ -457,39 +478,37 @@ class MinerServer:
             raise _Refused(
                 wire.ErrorCode.UNEXPECTED_MESSAGE,
                 f"expected EnrollProof first, got {type(proof).__name__}",
-                CloseCode.PROTOCOL_ERROR,
             )
-        try:
-            known = self.registry.check_known(channel.peer.public_key)
-        except RegistryError as exc:
-            raise _Refused(exc.code, str(exc), CloseCode.UNAUTHORIZED) from None
-        if known is not None:
+        if self.registry.check_known(channel.peer.public_key) is not None:
             return True  # pinned: a rotated secret must not lock out enrolled workers
         expected = enrollment_mac(self._secret, channel.channel_binding)
         if not hmac.compare_digest(expected, proof.mac):
             raise _Refused(
                 wire.ErrorCode.AUTH_FAILED,
                 "enrollment proof does not match this miner's enrollment secret",
-                CloseCode.UNAUTHORIZED,
             )
-        enrolled = self.registry.count()
-        if enrolled >= self.policy.max_workers:
-            raise _Refused(
-                wire.ErrorCode.CAPACITY_REACHED,
-                f"this miner already has {enrolled} workers (maximum {self.policy.max_workers});"
-                " remove a retired worker with 'byteleapctl workers remove' first",
-                CloseCode.CAPACITY_REACHED,
-            )
+        try:
+            self.registry.check_capacity()  # refused before Register; register() checks again
+        except RegistryError as exc:
+            raise _Refused.of(exc) from None
         return False
 
     async def _steady(self, channel: Channel, link: WorkerLink) -> None:
         worker_id = link.worker_id
+        # Liveness is link.last_heartbeat, in memory. The registry's last_seen is informational
+        # (shown by the control API), so it is written at most once per
+        # LAST_SEEN_WRITE_INTERVAL_S rather than on every heartbeat: that keeps SQLite writes on
+        # the event loop to a trickle at 100 workers, at the price of a last_seen up to that
+        # much behind the truth (registration and inventory changes are always written).
+        last_written = link.last_heartbeat  # register() wrote last_seen
         while True:
             frame = await channel.recv()
             msg = frame.msg
             if isinstance(msg, wire.Heartbeat):
                 link.record_heartbeat(msg)
-                self.registry.touch(worker_id)
+                if link.last_heartbeat - last_written >= self._last_seen_interval:
+                    self.registry.touch(worker_id)
+                    last_written = link.last_heartbeat
             elif isinstance(msg, wire.InventoryUpdate):
                 link.inventory = msg.inventory
                 self.registry.update_inventory(worker_id, msg.inventory)
@@ -513,7 +532,5 @@ class MinerServer:
                     )
             else:  # EnrollProof / Register again
                 raise _Refused(
-                    wire.ErrorCode.UNEXPECTED_MESSAGE,
-                    f"{type(msg).__name__} after registration",
-                    CloseCode.PROTOCOL_ERROR,
+                    wire.ErrorCode.UNEXPECTED_MESSAGE, f"{type(msg).__name__} after registration"
                 )

@@ -102,10 +102,8 @@ def _cuda_devices(inv: wire.Inventory) -> list[Device]:
     devices: list[Device] = []
     for index in range(int(cupy.cuda.runtime.getDeviceCount())):
         try:
-            props = cupy.cuda.runtime.getDeviceProperties(index)
-            address = (
-                f"{int(props['pciDomainID']):04x}:{int(props['pciBusID']):02x}:"
-                f"{int(props['pciDeviceID']):02x}.0"
+            address = inventory.normalize_pci_address(
+                str(cupy.cuda.runtime.deviceGetPCIBusId(index))
             )
             gpu = by_address.get(address)
             if gpu is None:
@@ -116,7 +114,7 @@ def _cuda_devices(inv: wire.Inventory) -> list[Device]:
                 )
                 continue
             precisions = _GPU_PRECISIONS
-            if int(props["major"]) >= 8:
+            if _major(gpu.compute_capability) >= 8:
                 precisions = precisions | _AMPERE_PRECISIONS
             devices.append(Device(uuid=gpu.uuid, backend=CupyBackend(index), precisions=precisions))
             log.info(
@@ -129,6 +127,12 @@ def _cuda_devices(inv: wire.Inventory) -> list[Device]:
         except Exception as exc:  # one bad GPU must not hide the others
             log.warning("CUDA device %d cannot run challenges: %s", index, exc)
     return devices
+
+
+def _major(compute_capability: str) -> int:
+    """The major version of an inventory ``major.minor`` compute capability; 0 when unknown."""
+    major = compute_capability.partition(".")[0]
+    return int(major) if major.isdigit() else 0
 
 
 # --------------------------------------------------------------------------------------------
@@ -156,15 +160,6 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def _prepare_state_dir(path: Path) -> None:
-    try:
-        path.mkdir(mode=0o700, parents=True, exist_ok=True)
-    except OSError as exc:
-        _die(f"state_dir: cannot create {path}: {exc.strerror or exc}")
-    if not path.is_dir():
-        _die(f"state_dir: {path} is not a directory")
-
-
 def main(argv: Sequence[str] | None = None) -> None:
     """Entry point of ``byteleap-worker``."""
     args = _parse_args(argv)
@@ -181,8 +176,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     except CredentialError as exc:
         _die(f"enrollment secret: {exc}")
     state_dir = Path(cfg.state_dir)
-    _prepare_state_dir(state_dir)
-    try:
+    try:  # creates state_dir (0700) with the key on first start
         key = WorkerKey.load_or_create(state_dir / KEY_FILE)
     except IdentityError as exc:
         _die(f"worker key: {exc}")

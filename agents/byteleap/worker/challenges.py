@@ -1,18 +1,22 @@
 """Running challenges on the worker: off the event loop, one per device, never stuck busy.
 
-ByteLeap's worker could stay "busy" forever after a failed task. Here a device is marked busy
-only inside one ``try/finally`` around its computation, every refusal is a typed
-``ChallengeRefusedError`` (the caller answers with a wire ``Error``), and results are kept only
-until they are revealed and released, or until their time to live runs out (``sweep``).
+ByteLeap's worker could stay "busy" forever after a failed task. Here a device is busy exactly
+while its computation runs (un-busied by the computation's own completion, even when the caller
+gave up at the deadline), every refusal is a typed ``ChallengeRefusedError`` (the caller answers
+with a wire ``Error``), and results are kept only until they are revealed and released, or until
+their time to live runs out (``sweep``).
 
 Work runs in a per-device single-thread executor: numpy's BLAS and hashlib release the GIL, so the
-event loop keeps serving heartbeats and systemd watchdog pings while a device computes.
+event loop keeps serving heartbeats and systemd watchdog pings while a device computes. Freeing a
+result also runs there (freeing device memory waits for the GPU), after any computation on the
+same device. The table of held results is only touched from the event loop's thread: every
+method is meant to be called there, and only the reading of revealed rows goes to a thread
+(:meth:`ChallengeRunner.reveal_off_loop`).
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections.abc import Callable
@@ -27,12 +31,8 @@ from ..core.challenge.prover import Backend
 log = logging.getLogger(__name__)
 
 
-class ChallengeRefusedError(Exception):
+class ChallengeRefusedError(wire.CodedError):
     """A challenge or reveal that the worker will not (or can no longer) serve."""
-
-    def __init__(self, code: wire.ErrorCode, message: str) -> None:
-        super().__init__(message)
-        self.code = code
 
 
 class Device(msgspec.Struct, frozen=True):
@@ -105,55 +105,51 @@ class ChallengeRunner:
                 wire.ErrorCode.CHALLENGE_INVALID, "challenge id already used"
             )
         try:
-            spec = ChallengeSpec(
-                challenge_id=req.challenge_id,
-                seed=req.seed,
-                miner_hotkey=req.miner_hotkey,
-                worker_id=self._worker_id,
-                device_uuid=req.device_uuid,
-                n=req.n,
-                precision=req.precision,
-            )
-        except (ChallengeError, msgspec.ValidationError) as exc:
+            spec = req.spec(self._worker_id)
+        except ChallengeError as exc:
             raise ChallengeRefusedError(wire.ErrorCode.CHALLENGE_INVALID, str(exc)) from None
         return device, spec
 
     async def run(self, req: wire.ChallengeRequest) -> wire.ChallengeCommit:
-        """Compute and commit; the result is held for ``reveal`` until released or expired."""
+        """Compute and commit; the result is held for ``reveal`` until released or expired.
+
+        Past ``req.deadline_ms`` this raises ``CHALLENGE_EXPIRED`` at once; the computation
+        cannot be interrupted, so the device stays busy until it really ends, and its late
+        result is then freed.
+        """
         device, spec = self._spec(req)
-        if device.uuid in self._busy:
-            raise ChallengeRefusedError(wire.ErrorCode.DEVICE_BUSY, f"device {device.uuid} is busy")
-        self._busy.add(device.uuid)
+        uuid = device.uuid
+        if uuid in self._busy:
+            raise ChallengeRefusedError(wire.ErrorCode.DEVICE_BUSY, f"device {uuid} is busy")
+        self._busy.add(uuid)
         started = self._clock()
+        future = asyncio.get_running_loop().run_in_executor(
+            self._executors[uuid], self._prove, spec, device.backend
+        )
+        future.add_done_callback(lambda _: self._busy.discard(uuid))
         try:
-            loop = asyncio.get_running_loop()
-            future = loop.run_in_executor(
-                self._executors[device.uuid], self._prove, spec, device.backend
-            )
-            try:
-                proof = await asyncio.wait_for(asyncio.shield(future), req.deadline_ms / 1000)
-            except TimeoutError:
-                # The thread cannot be interrupted; keep the device busy until it really ends.
-                with contextlib.suppress(Exception):
-                    stale = await future
-                    stale.release()
-                raise ChallengeRefusedError(
-                    wire.ErrorCode.CHALLENGE_EXPIRED,
-                    f"challenge took longer than its {req.deadline_ms} ms deadline",
-                ) from None
-        except ChallengeRefusedError:
+            proof = await asyncio.wait_for(asyncio.shield(future), req.deadline_ms / 1000)
+        except TimeoutError:
+            future.add_done_callback(self._free_late_result)
+            raise ChallengeRefusedError(
+                wire.ErrorCode.CHALLENGE_EXPIRED,
+                f"challenge took longer than its {req.deadline_ms} ms deadline",
+            ) from None
+        except asyncio.CancelledError:
+            future.add_done_callback(self._free_late_result)
             raise
         except MemoryError:
             raise ChallengeRefusedError(
                 wire.ErrorCode.CHALLENGE_INVALID, f"not enough memory for n={req.n}"
             ) from None
         except Exception as exc:
-            log.exception("challenge on %s failed", device.uuid)
+            log.exception("challenge on %s failed", uuid)
             raise ChallengeRefusedError(
                 wire.ErrorCode.INTERNAL, f"challenge failed: {exc}"
             ) from None
         finally:
-            self._busy.discard(device.uuid)
+            if future.done():  # else the done callback un-busies it when the thread ends
+                self._busy.discard(uuid)
         elapsed_ms = int((self._clock() - started) * 1000)
         self._held[req.challenge_id] = _Held(proof=proof, expires_at=self._clock() + self._ttl)
         return wire.ChallengeCommit(
@@ -163,7 +159,25 @@ class ChallengeRunner:
             elapsed_ms=min(elapsed_ms, 2**32 - 1),
         )
 
+    def _free_late_result(self, future: asyncio.Future[ProvenChallenge]) -> None:
+        """Done callback of a computation nobody waits for any more: free its result."""
+        if future.cancelled() or future.exception() is not None:
+            return
+        self._free(future.result())
+
     def reveal(self, req: wire.RevealRequest) -> wire.ChallengeReveal:
+        """The requested rows with their Merkle paths, all computed in the calling thread."""
+        return self._reveal_rows(req, self._revealable(req))
+
+    async def reveal_off_loop(self, req: wire.RevealRequest) -> wire.ChallengeReveal:
+        """:meth:`reveal`, with the rows read (maybe from device memory) and hashed in a thread.
+
+        The held result is looked up (and an expired one released) here, on the event loop.
+        """
+        proof = self._revealable(req)
+        return await asyncio.to_thread(self._reveal_rows, req, proof)
+
+    def _revealable(self, req: wire.RevealRequest) -> ProvenChallenge:
         held = self._held.get(req.challenge_id)
         if held is None or held.proof.spec.device_uuid != req.device_uuid:
             raise ChallengeRefusedError(
@@ -172,8 +186,12 @@ class ChallengeRunner:
         if held.expires_at <= self._clock():
             self.release(req.challenge_id)
             raise ChallengeRefusedError(wire.ErrorCode.CHALLENGE_EXPIRED, "result already expired")
+        return held.proof
+
+    @staticmethod
+    def _reveal_rows(req: wire.RevealRequest, proof: ProvenChallenge) -> wire.ChallengeReveal:
         try:
-            rows = held.proof.reveal(req.rows)
+            rows = proof.reveal(req.rows)
         except ChallengeError as exc:
             raise ChallengeRefusedError(wire.ErrorCode.CHALLENGE_INVALID, str(exc)) from None
         return wire.ChallengeReveal(
@@ -183,10 +201,11 @@ class ChallengeRunner:
         )
 
     def release(self, challenge_id: bytes) -> bool:
+        """Forget a held result and free its memory (in its device's executor)."""
         held = self._held.pop(challenge_id, None)
         if held is None:
             return False
-        held.proof.release()
+        self._free(held.proof)
         return True
 
     def sweep(self) -> int:
@@ -197,8 +216,28 @@ class ChallengeRunner:
             self.release(cid)
         return len(expired)
 
+    def _free(self, proof: ProvenChallenge) -> None:
+        """``proof.release()`` in its device's executor: freeing GPU memory waits for the GPU."""
+        executor = self._executors.get(proof.spec.device_uuid)
+        if executor is not None:
+            try:
+                executor.submit(_release, proof)
+            except RuntimeError:  # the runner is closed: no executor left, free it here
+                pass
+            else:
+                return
+        _release(proof)
+
     def close(self) -> None:
+        """Free every held result; the executors end after their queued work (without waiting)."""
         for cid in list(self._held):
             self.release(cid)
         for executor in self._executors.values():
-            executor.shutdown(wait=False, cancel_futures=True)
+            executor.shutdown(wait=False)
+
+
+def _release(proof: ProvenChallenge) -> None:
+    try:
+        proof.release()
+    except Exception:  # nobody waits for this: log it, never lose it silently
+        log.exception("freeing the result of challenge %s failed", proof.spec.challenge_id.hex())

@@ -29,7 +29,7 @@ class MinerLink(ConfigStruct, frozen=True, kw_only=True):
     enrollment_secret_file: str = "/etc/byteleap/worker-enrollment.secret"  # noqa: S105 - a path
     connect_timeout_s: PositiveSeconds = 10.0
     reconnect_initial_s: PositiveSeconds = 1.0
-    reconnect_max_s: PositiveSeconds = 60.0
+    reconnect_max_s: PositiveSeconds = 10.0
 
 
 class ChallengeSettings(ConfigStruct, frozen=True, kw_only=True):

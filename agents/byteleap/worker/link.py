@@ -14,8 +14,11 @@ One :class:`WorkerLink` owns the connection loop of docs/worker-miner.md:
    ``min(configured, miner's)`` interval, an ``InventoryUpdate`` only when the inventory
    fingerprint changes, and the receive loop that serves challenges (each in its own task, so
    the loop keeps receiving), reveals, releases and pings;
-4. on any disconnect: one log line with the reason, then a full-jitter exponential backoff
-   (reset after a session that lasted longer than ``stable_after_s``) and back to 1.
+4. on any disconnect: one log line with the reason, then a full-jitter exponential backoff and
+   back to 1. The backoff grows while attempts fail and starts again from
+   ``reconnect_initial_s`` when a registered session ends (a restarted miner gets its workers
+   back within seconds), unless sessions keep ending quickly (flap protection: the second
+   session in a row that lasted less than ``stable_after_s`` does not reset it).
 
 Results of challenges survive reconnects (a miner may still ask for the reveal); the runner frees
 them on ``ChallengeRelease`` or when their time to live runs out (swept periodically, connected or
@@ -28,11 +31,8 @@ import asyncio
 import contextlib
 import dataclasses
 import enum
-import itertools
 import logging
-import os
 import random
-import secrets
 import time
 from collections.abc import Awaitable, Callable, Coroutine
 from pathlib import Path
@@ -46,6 +46,7 @@ from byteleap import __version__
 from byteleap.core import wire
 from byteleap.core.channel import Channel, ChannelClosed, CloseCode, dial
 from byteleap.core.credentials import enrollment_mac
+from byteleap.core.files import PrivateFileError, read_private_file, write_new_file
 from byteleap.core.identity import IdentityKind, PeerIdentity, WorkerKey
 from byteleap.core.logs import log_fields
 
@@ -61,7 +62,6 @@ __all__ = [
     "LinkState",
     "LinkStatus",
     "WorkerLink",
-    "enrollment_mac",
     "read_pin",
     "write_pin",
 ]
@@ -72,6 +72,8 @@ PROLOGUE: Final = wire.WORKER_MINER_PROLOGUE
 PIN_FILE: Final = "miner.pin"
 _SHUTDOWN_REASON: Final = "worker shutting down"
 _ROTATE_MARGIN_S: Final = 60.0  # reconnect this long before the session's maximum age
+_PIN_MAX_BYTES: Final = 256  # one ss58 address and a newline
+_REFUSED: Final = "refused by miner"
 
 
 # --------------------------------------------------------------------------------------------
@@ -92,9 +94,10 @@ class LinkSettings:
     register_timeout_s: float = 10.0
     """How long to wait for ``RegisterAck`` after sending ``Register``."""
     reconnect_initial_s: float = 1.0
-    reconnect_max_s: float = 60.0
+    reconnect_max_s: float = 10.0
     stable_after_s: float = 60.0
-    """A session that lasted longer than this resets the backoff."""
+    """Sessions shorter than this are quick: the second quick one in a row does not reset the
+    backoff (a miner that keeps dropping its workers is not hammered)."""
     heartbeat_interval_s: float = 30.0
     inventory_interval_s: float = 60.0
     sweep_interval_s: float = 10.0
@@ -121,10 +124,7 @@ class LinkSettings:
         ):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be positive")
-        if self.reconnect_max_s < self.reconnect_initial_s:
-            raise ValueError(
-                "miner.reconnect_max_s: must not be smaller than miner.reconnect_initial_s"
-            )
+        Backoff(self.reconnect_initial_s, self.reconnect_max_s)  # refuses max < initial
 
     @classmethod
     def from_config(cls, cfg: WorkerConfig) -> LinkSettings:
@@ -177,7 +177,12 @@ class LinkStatus:
     """Consecutive failed attempts (0 while connected)."""
     sessions: int = 0
     """Registrations so far (the first one is the worker's first successful session)."""
-    ever_connected: bool = False
+    refused: bool = False
+    """The miner itself refused the last attempt (closed the handshake or the registration)."""
+
+    @property
+    def ever_connected(self) -> bool:
+        return self.sessions > 0
 
     def line(self) -> str:
         """One human line for systemd's STATUS= and logs."""
@@ -187,17 +192,28 @@ class LinkStatus:
             return f"connecting to miner at {self.url}"
         if self.state is LinkState.STOPPED:
             return "stopped"
-        what = "miner link lost" if self.ever_connected else "miner unreachable"
         retry = f"; retrying in {self.retry_in_s:.1f}s" if self.retry_in_s is not None else ""
-        return f"{what} at {self.url}: {self.reason}{retry}"
+        reason = self.reason or "unknown reason"
+        if self.refused:
+            # The reason of a refusal starts with the same words: say them once, with the url.
+            detail = reason.removeprefix(_REFUSED)
+            if detail != reason:
+                return f"{_REFUSED} at {self.url}{detail}{retry}"
+            return f"{_REFUSED} at {self.url}: {reason}{retry}"
+        what = "miner link lost" if self.ever_connected else "miner unreachable"
+        return f"{what} at {self.url}: {reason}{retry}"
 
 
 class Backoff:
     """Full-jitter exponential backoff: attempt k waits uniform(0, min(max, initial * 2**k))."""
 
     def __init__(self, initial_s: float, max_s: float, *, rng: random.Random | None = None) -> None:
-        if not 0 < initial_s <= max_s:
-            raise ValueError("backoff needs 0 < initial_s <= max_s")
+        if not initial_s > 0:
+            raise ValueError("miner.reconnect_initial_s: must be positive")
+        if max_s < initial_s:
+            raise ValueError(
+                "miner.reconnect_max_s: must not be smaller than miner.reconnect_initial_s"
+            )
         self._initial = initial_s
         self._max = max_s
         self._rng = rng if rng is not None else random.SystemRandom()
@@ -230,50 +246,51 @@ class PinError(Exception):
 
 
 def read_pin(path: Path) -> PeerIdentity | None:
-    """The pinned miner identity, ``None`` if nothing is pinned yet."""
-    try:
-        text = path.read_text(encoding="ascii").strip()
-    except FileNotFoundError:
+    """The pinned miner identity, ``None`` if nothing is pinned yet.
+
+    The pin decides which miner this worker trusts: like a key, it must be a regular file that
+    only its owner can access.
+    """
+    if not path.exists() and not path.is_symlink():
         return None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise PinError(f"cannot read the miner pin {path}: {exc}") from None
     try:
-        return PeerIdentity.from_ss58(text)
-    except ValueError:
+        data = read_private_file(path, _PIN_MAX_BYTES, what="miner pin")
+    except PrivateFileError as exc:
+        raise PinError(str(exc)) from None
+    try:
+        return PeerIdentity.from_ss58(data.decode("ascii").strip())
+    except (UnicodeDecodeError, ValueError):
         raise PinError(
             f"miner pin {path} is corrupted (expected one ss58 address); delete it to trust "
             "the next miner"
         ) from None
 
 
-def write_pin(path: Path, identity: PeerIdentity) -> None:
-    """Atomically write the pin (mode 0600): the miner's ss58 address on one line."""
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
-    data = (identity.display + "\n").encode("ascii")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
-    try:
-        try:
-            os.fchmod(fd, 0o600)
-            os.write(fd, data)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        tmp.replace(path)
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
+def write_pin(path: Path, identity: PeerIdentity) -> bool:
+    """Atomically create the pin (mode 0600): the miner's ss58 address on one line.
+
+    Never replaces an existing pin; returns False if there already was one.
+    """
+    return write_new_file(path, (identity.display + "\n").encode("ascii"))
 
 
 # --------------------------------------------------------------------------------------------
 # Failures
 
 
-class _AttemptFailedError(Exception):
-    """An attempt failed before registration; the message is the reason to log."""
+class _LinkDownError(Exception):
+    """An attempt failed or a session ended; the message is the reason to log.
+
+    ``refused``: the miner itself closed the handshake or refused the registration.
+    """
+
+    def __init__(self, reason: str, *, refused: bool = False) -> None:
+        super().__init__(reason)
+        self.refused = refused
 
 
-class _SessionEndedError(Exception):
-    """A registered session ended; the message is the reason to log."""
+def _internal(exc: Exception) -> wire.CodedError:
+    return wire.CodedError(wire.ErrorCode.INTERNAL, f"internal error: {exc}")
 
 
 def _close_code_name(code: int) -> str:
@@ -343,6 +360,8 @@ class WorkerLink:
         self._expected: PeerIdentity | None = None
         self._trust_source = ""
         self._sent_fingerprint = b""
+        self._quick_sessions = 0
+        """Registered sessions in a row that lasted at most ``stable_after_s``."""
 
     # -- public ------------------------------------------------------------------------------
     @property
@@ -396,6 +415,7 @@ class WorkerLink:
         )
         registered_at: float | None = None
         reason = "session ended"
+        refused = False
         try:
             channel = await self._connect(http)
             try:
@@ -408,16 +428,20 @@ class WorkerLink:
                     await channel.close(CloseCode.GOING_AWAY, _SHUTDOWN_REASON)
                 else:
                     await channel.close(CloseCode.NORMAL, "reconnecting")
-        except (_AttemptFailedError, _SessionEndedError) as exc:
+        except _LinkDownError as exc:
             reason = str(exc)
+            refused = exc.refused
         except Exception as exc:  # a bug must not end the worker's only link: back off, retry
             log.exception("miner link: unexpected failure")
             reason = f"internal error: {exc!r}"
         if self._stopping:
             return
         lasted = None if registered_at is None else self._clock() - registered_at
-        if lasted is not None and lasted > self.settings.stable_after_s:
-            self._backoff.reset()
+        if lasted is not None:
+            quick = lasted <= self.settings.stable_after_s
+            self._quick_sessions = self._quick_sessions + 1 if quick else 0
+            if self._quick_sessions <= 1:  # not flapping: the miner is likely back soon
+                self._backoff.reset()
         delay = self._backoff.next_delay()
         failures = self._status.failures + 1 if lasted is None else 0
         self._emit(
@@ -427,6 +451,7 @@ class WorkerLink:
                 reason=reason,
                 retry_in_s=delay,
                 failures=failures,
+                refused=refused,
             )
         )
         fields = log_fields(miner_url=self.settings.url, retry_in_s=round(delay, 2))
@@ -468,7 +493,7 @@ class WorkerLink:
             try:
                 self._expected = read_pin(self._pin_path)
             except PinError as exc:
-                raise _AttemptFailedError(str(exc)) from None
+                raise _LinkDownError(str(exc)) from None
             self._trust_source = (
                 f"pinned in {self._pin_path} on first use; delete that file to trust another miner"
             )
@@ -490,40 +515,40 @@ class WorkerLink:
             )
         except ChannelClosed as exc:
             if self._auth_refusal is not None:
-                raise _AttemptFailedError(self._auth_refusal) from None
+                raise _LinkDownError(self._auth_refusal) from None
             if exc.by_peer:
-                raise _AttemptFailedError(
-                    f"refused by miner during the handshake with {_closed_text(exc, None)}"
+                raise _LinkDownError(
+                    f"{_REFUSED} during the handshake with {_closed_text(exc, None)}",
+                    refused=True,
                 ) from None
-            raise _AttemptFailedError(f"handshake failed: {exc.reason}") from None
+            raise _LinkDownError(f"handshake failed: {exc.reason}") from None
         except aiohttp.ServerFingerprintMismatch as exc:
-            raise _AttemptFailedError(
+            raise _LinkDownError(
                 f"TLS certificate fingerprint mismatch: the miner presented sha256 "
                 f"{exc.got.hex()}, miner.tls_fingerprint is {exc.expected.hex()}"
             ) from None
         except aiohttp.ClientSSLError as exc:
-            raise _AttemptFailedError(f"TLS failed: {exc}") from None
+            raise _LinkDownError(f"TLS failed: {exc}") from None
         except aiohttp.ClientConnectorError as exc:
             if isinstance(exc.os_error, ConnectionRefusedError):
-                raise _AttemptFailedError("connection refused") from None
+                raise _LinkDownError("connection refused") from None
             detail = exc.os_error.strerror or str(exc.os_error) or str(exc)
-            raise _AttemptFailedError(f"cannot connect: {detail}") from None
+            raise _LinkDownError(f"cannot connect: {detail}") from None
         except aiohttp.WSServerHandshakeError as exc:
-            raise _AttemptFailedError(
+            raise _LinkDownError(
                 f"WebSocket upgrade refused: HTTP {exc.status} {exc.message}".rstrip()
             ) from None
         except TimeoutError:
-            raise _AttemptFailedError(
+            raise _LinkDownError(
                 f"timed out after {self.settings.connect_timeout_s:g}s connecting"
             ) from None
         except (aiohttp.ClientError, OSError) as exc:
-            raise _AttemptFailedError(f"connection failed: {exc or type(exc).__name__}") from None
+            raise _LinkDownError(f"connection failed: {exc or type(exc).__name__}") from None
 
     async def _register(self, channel: Channel) -> float:
         """EnrollProof + Register, wait for the ack; the heartbeat interval the miner asks for."""
         inventory = await self._current_inventory()
-        ids = itertools.count(1)
-        register_id = next(ids)
+        register_id = 1  # the only request this side sends
         try:
             await channel.send(
                 wire.EnrollProof(mac=enrollment_mac(self._secret, channel.channel_binding))
@@ -558,17 +583,17 @@ class WorkerLink:
                             type(msg).__name__,
                         )
         except ChannelClosed as exc:
-            verb = "refused by miner" if exc.by_peer else "registration failed"
-            raise _AttemptFailedError(
-                f"{verb} with {_closed_text(exc, self._peer_error)}"
+            verb = _REFUSED if exc.by_peer else "registration failed"
+            raise _LinkDownError(
+                f"{verb} with {_closed_text(exc, self._peer_error)}", refused=exc.by_peer
             ) from None
         except TimeoutError:
-            raise _AttemptFailedError(
+            raise _LinkDownError(
                 f"the miner did not acknowledge the registration within "
                 f"{self.settings.register_timeout_s:g}s"
             ) from None
         if msg.worker_id != self._key.worker_id:
-            raise _AttemptFailedError(
+            raise _LinkDownError(
                 f"the miner acknowledged worker {msg.worker_id}, not this worker "
                 f"({self._key.worker_id})"
             )
@@ -578,16 +603,19 @@ class WorkerLink:
         miner = channel.peer
         if self._expected is None and self.settings.miner_hotkey is None:
             try:
-                write_pin(self._pin_path, miner)
+                created = write_pin(self._pin_path, miner)
             except OSError as exc:
                 log.error("cannot write the miner pin %s: %s", self._pin_path, exc)
             else:
-                log.info(
-                    "trusting miner %s from now on (pinned in %s)",
-                    miner.display,
-                    self._pin_path,
-                    extra=log_fields(miner=miner.display),
-                )
+                if created:
+                    log.info(
+                        "trusting miner %s from now on (pinned in %s)",
+                        miner.display,
+                        self._pin_path,
+                        extra=log_fields(miner=miner.display),
+                    )
+                else:  # written by someone else meanwhile: kept, and checked at the next connect
+                    log.warning("the miner pin %s appeared meanwhile; kept it", self._pin_path)
         status = dataclasses.replace(
             self._status,
             state=LinkState.CONNECTED,
@@ -596,7 +624,7 @@ class WorkerLink:
             retry_in_s=None,
             failures=0,
             sessions=self._status.sessions + 1,
-            ever_connected=True,
+            refused=False,
         )
         log.info(
             "registered with miner %s at %s as worker %s",
@@ -624,15 +652,15 @@ class WorkerLink:
             await asyncio.gather(*tasks, return_exceptions=True)
         finished = done.pop()
         exc = finished.exception()
-        if isinstance(exc, _SessionEndedError):
+        if isinstance(exc, _LinkDownError):
             raise exc
         if isinstance(exc, ChannelClosed):
             who = "closed by miner" if exc.by_peer else "closed"
-            raise _SessionEndedError(f"{who} with {_closed_text(exc, self._peer_error)}")
+            raise _LinkDownError(f"{who} with {_closed_text(exc, self._peer_error)}")
         if exc is not None:
             log.error("miner link: internal error", exc_info=exc)
-            raise _SessionEndedError(f"internal error: {exc!r}")
-        raise _SessionEndedError(f"{finished.get_name()} ended")
+            raise _LinkDownError(f"internal error: {exc!r}")
+        raise _LinkDownError(f"{finished.get_name()} ended")
 
     async def _receive(self, channel: Channel) -> None:
         while True:
@@ -686,13 +714,11 @@ class WorkerLink:
                 exc,
                 extra=fields,
             )
-            await self._send_error(channel, exc.code, str(exc), frame_id)
+            await self._send_error(channel, exc, frame_id)
             return
         except Exception as exc:  # a bug must not kill the link; the miner gets an answer
             log.exception("challenge %s failed", req.challenge_id.hex(), extra=fields)
-            await self._send_error(
-                channel, wire.ErrorCode.INTERNAL, f"internal error: {exc}", frame_id
-            )
+            await self._send_error(channel, _internal(exc), frame_id)
             return
         try:
             await channel.send(commit, id=frame_id)
@@ -711,30 +737,29 @@ class WorkerLink:
 
     async def _reveal(self, channel: Channel, frame_id: int, req: wire.RevealRequest) -> None:
         try:
-            # Rows may come from device memory and Merkle paths take hashing: off the loop.
-            reveal = await asyncio.to_thread(self._runner.reveal, req)
+            # Rows may come from device memory and Merkle paths take hashing: off the loop
+            # (the held result itself is looked up, or expired, on the loop).
+            reveal = await self._runner.reveal_off_loop(req)
         except ChallengeRefusedError as exc:
             log.warning("reveal of %s refused: %s: %s", req.challenge_id.hex(), exc.code.name, exc)
-            await self._send_error(channel, exc.code, str(exc), frame_id)
+            await self._send_error(channel, exc, frame_id)
             return
         except Exception as exc:
             log.exception("reveal of %s failed", req.challenge_id.hex())
-            await self._send_error(
-                channel, wire.ErrorCode.INTERNAL, f"internal error: {exc}", frame_id
-            )
+            await self._send_error(channel, _internal(exc), frame_id)
             return
         try:
             await channel.send(reveal, id=frame_id)
         except wire.WireError as exc:  # e.g. too many rows of a huge n for one frame
-            await self._send_error(channel, wire.ErrorCode.CHALLENGE_INVALID, exc.message, frame_id)
+            refusal = wire.CodedError(wire.ErrorCode.CHALLENGE_INVALID, exc.message)
+            await self._send_error(channel, refusal, frame_id)
         except ChannelClosed as exc:
             log.warning("could not send the reveal of %s: %s", req.challenge_id.hex(), exc)
 
-    async def _send_error(
-        self, channel: Channel, code: wire.ErrorCode, message: str, ref: int
-    ) -> None:
+    async def _send_error(self, channel: Channel, error: wire.CodedError, ref: int) -> None:
+        """Answer the request ``ref`` with ``error``."""
         with contextlib.suppress(ChannelClosed):
-            await channel.send_error(code, message, ref=ref)
+            await channel.send(error.to_error(ref=ref), id=ref)
 
     async def _heartbeats(self, channel: Channel, interval: float) -> None:
         next_at = self._clock()
@@ -796,7 +821,7 @@ class WorkerLink:
         """Reconnect shortly before the session reaches its maximum age."""
         remaining = channel.expires_at - time.monotonic() - _ROTATE_MARGIN_S
         await self._sleep(max(0.0, remaining))
-        raise _SessionEndedError("session reached its maximum age; reconnecting for a new one")
+        raise _LinkDownError("session reached its maximum age; reconnecting for a new one")
 
     async def _sweep_loop(self) -> None:
         while True:

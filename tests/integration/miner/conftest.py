@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import threading
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,15 +23,17 @@ from byteleap.core import wire
 from byteleap.core.challenge import ChallengeSpec, ProvenChallenge, prove
 from byteleap.core.challenge.prover import Backend, NumpyBackend
 from byteleap.core.channel import Channel, ChannelClosed, dial
+from byteleap.core.credentials import enrollment_mac
 from byteleap.core.identity import HotkeySigner, IdentityKind, PeerIdentity, WorkerKey
 from byteleap.miner.config import MinerConfig, WorkerPolicy
 from byteleap.miner.registry import WorkerRegistry
 from byteleap.miner.relay import WorkerConnections
-from byteleap.miner.server import PROLOGUE, MinerServer, enrollment_mac
+from byteleap.miner.server import PROLOGUE, MinerServer
 from byteleap.worker.challenges import ChallengeRefusedError, ChallengeRunner, Device
+from tests.support.fixtures import WAIT
+from tests.unit.miner.builders import inventory
 
 SECRET = b"0123456789abcdef0123456789abcdef"
-WAIT = 10.0  # generous bound for a loaded 2-core machine; the happy paths take milliseconds
 LINK = wire.Link.WORKER_MINER
 
 _ALICE: HotkeySigner | None = None
@@ -42,23 +45,6 @@ def alice() -> HotkeySigner:
     if _ALICE is None:
         _ALICE = HotkeySigner.from_uri("//Alice")
     return _ALICE
-
-
-def inventory(gpus: tuple[str, ...] = ()) -> wire.Inventory:
-    return wire.Inventory(
-        cpu_model="Test CPU",
-        cpu_cores=2,
-        mem_bytes=8 << 30,
-        gpus=[
-            wire.GpuInfo(
-                uuid=uuid,
-                name="Test GPU",
-                mem_bytes=16 << 30,
-                pci_bus_id=f"0000:{i + 1:02x}:00.0",
-            )
-            for i, uuid in enumerate(gpus)
-        ],
-    )
 
 
 def _accept_miner(_: PeerIdentity) -> bool:
@@ -102,6 +88,11 @@ class FakeWorker:
     def worker_id(self) -> str:
         return self.key.worker_id
 
+    @property
+    def errors(self) -> list[wire.Error]:
+        """Every Error the miner sent this worker."""
+        return [f.msg for f in self.received if isinstance(f.msg, wire.Error)]
+
     async def dial(self, http: aiohttp.ClientSession, url: str) -> Channel:
         self.channel = await dial(
             http,
@@ -131,7 +122,7 @@ class FakeWorker:
             wire.Register(
                 worker_id=worker_id or self.worker_id,
                 agent_version=self.agent_version,
-                inventory=inventory(self.gpus),
+                inventory=inventory(*self.gpus),
             ),
             id=1,
         )
@@ -249,20 +240,30 @@ async def _close_fake_workers() -> AsyncIterator[None]:
 async def make_miner(tmp_path: Path) -> AsyncIterator[MakeMiner]:
     started: list[Miner] = []
 
-    async def start(*, connections: WorkerConnections | None = None, **policy: Any) -> Miner:
+    async def start(
+        *,
+        connections: WorkerConnections | None = None,
+        clock: Callable[[], float] | None = None,
+        sweep_interval_s: float | None = None,
+        **policy: Any,
+    ) -> Miner:
+        """``clock`` drives both the server (liveness) and the registry (timestamps)."""
         config = MinerConfig(
             state_dir=str(tmp_path),
             policy=WorkerPolicy(**{"handshake_timeout_s": 5.0, **policy}),
         )
         registry = WorkerRegistry(
-            tmp_path / f"workers{len(started)}.db", max_workers=config.policy.max_workers
+            tmp_path / f"workers{len(started)}.db",
+            max_workers=config.policy.max_workers,
+            clock=clock or time.time,
         )
         outcomes: list[tuple[str, bool]] = []
-        conns = (
-            connections
-            if connections is not None
-            else WorkerConnections(on_outcome=lambda wid, ok: outcomes.append((wid, ok)))
-        )
+
+        def on_outcome(worker_id: str, ok: bool) -> None:  # as the daemon wires it, and recorded
+            outcomes.append((worker_id, ok))
+            registry.record_challenge(worker_id, ok=ok)
+
+        conns = connections if connections is not None else WorkerConnections(on_outcome=on_outcome)
         server = MinerServer(
             config,
             signer=alice(),
@@ -270,6 +271,8 @@ async def make_miner(tmp_path: Path) -> AsyncIterator[MakeMiner]:
             enrollment_secret=SECRET,
             connections=conns,
             close_timeout_s=1.0,
+            sweep_interval_s=sweep_interval_s,
+            clock=clock or time.monotonic,
         )
         await server.start(host="127.0.0.1", port=0)
         miner = Miner(server, registry, conns, config, outcomes)
@@ -286,14 +289,3 @@ async def make_miner(tmp_path: Path) -> AsyncIterator[MakeMiner]:
 async def http() -> AsyncIterator[aiohttp.ClientSession]:
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:
         yield session
-
-
-async def eventually(
-    check: Callable[[], bool], within: float = WAIT, interval: float = 0.02
-) -> None:
-    """Wait until ``check()`` is true (fails the test after ``within`` seconds)."""
-    deadline = asyncio.get_running_loop().time() + within
-    while not check():
-        if asyncio.get_running_loop().time() > deadline:
-            raise AssertionError("condition not reached in time")
-        await asyncio.sleep(interval)

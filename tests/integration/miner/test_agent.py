@@ -4,9 +4,7 @@ challenge through the control socket, SIGTERM drain, registry persisted across t
 from __future__ import annotations
 
 import asyncio
-import socket
 import subprocess
-import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,9 +14,10 @@ import pytest
 
 from byteleap.core.channel import CloseCode
 from byteleap.miner.registry import WorkerRegistry
+from tests.support.fixtures import WAIT, agent_command, free_port, write_secret
 from tests.support.notify_harness import NotifyHarness
 
-from .conftest import SECRET, WAIT, FakeWorker
+from .conftest import SECRET, FakeWorker
 
 START_TIMEOUT = 60.0
 
@@ -30,16 +29,8 @@ def home() -> Iterator[Path]:
         yield Path(name)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def _write_config(home: Path, port: int, secret: bytes = SECRET) -> Path:
-    secret_file = home / "enrollment.secret"
-    secret_file.write_bytes(secret + b"\n")
-    secret_file.chmod(0o600)
+    secret_file = write_secret(home / "enrollment.secret", secret)
     config = home / "miner.yaml"
     config.write_text(
         f"state_dir: {home / 'state'}\n"
@@ -57,21 +48,13 @@ def _write_config(home: Path, port: int, secret: bytes = SECRET) -> Path:
 
 
 def _command(home: Path, config: Path) -> list[str]:
-    return [
-        sys.executable,
-        "-m",
-        "byteleap.miner.agent",
-        "--config",
-        str(config),
-        "--hotkey-uri",
-        "//Alice",
-        "--control-socket",
-        str(home / "control.sock"),
-    ]
+    return agent_command(
+        "miner", config, "--hotkey-uri", "//Alice", "--control-socket", str(home / "control.sock")
+    )
 
 
 def test_config_and_secret_errors_exit_2_with_one_line(home: Path) -> None:
-    config = _write_config(home, _free_port())
+    config = _write_config(home, free_port())
     bad = home / "bad.yaml"
     bad.write_text("policy:\n  max_workers: 101\n")
     (home / "enrollment.secret").chmod(0o644)
@@ -89,7 +72,7 @@ def test_config_and_secret_errors_exit_2_with_one_line(home: Path) -> None:
 async def test_daemon_serves_workers_and_drains_on_sigterm(
     home: Path, http: aiohttp.ClientSession
 ) -> None:
-    port = _free_port()
+    port = free_port()
     config = _write_config(home, port)
     env = {"PYTHONUNBUFFERED": "1"}
     with NotifyHarness(_command(home, config), env=env, watchdog_sec=2) as harness:

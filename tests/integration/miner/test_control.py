@@ -16,8 +16,9 @@ import pytest
 
 from byteleap.core.channel import CloseCode
 from byteleap.miner.control import ControlServer, default_control_path
+from tests.support.fixtures import WAIT, eventually
 
-from .conftest import WAIT, FakeWorker, MakeMiner, Miner, alice, eventually
+from .conftest import FakeWorker, MakeMiner, Miner, alice
 
 
 @pytest.fixture
@@ -126,8 +127,10 @@ async def test_self_test_challenge_end_to_end(setup: Setup, http: aiohttp.Client
         assert result["timings"]["commit_s"] > 0
         assert len(result["rows"]) == 16
         # Counted in the registry, released on the worker.
+        assert miner.outcomes == [(worker.worker_id, True)]
         record = miner.registry.get(worker.worker_id)
         assert record is not None
+        assert (record.challenges_ok, record.challenges_failed) == (1, 0)
         await eventually(lambda: worker.runner is not None and worker.runner.held_results == 0)
     finally:
         serving.cancel()

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import secrets
 import threading
 from collections.abc import AsyncIterator, Awaitable, Callable
 
@@ -11,25 +10,12 @@ import aiohttp
 import pytest
 
 from byteleap.core import wire
-from byteleap.core.challenge import ChallengeSpec, draw_sample, verify
+from byteleap.core.challenge import draw_sample, verify
 from byteleap.miner.relay import RelayError, WorkerConnections
+from tests.support.fixtures import WAIT, eventually
+from tests.unit.miner.builders import N, challenge_request
 
-from .conftest import WAIT, FakeWorker, MakeMiner, Miner, alice, eventually
-
-N = 128
-
-
-def challenge_request(device: str = "cpu-0", deadline_ms: int = 30_000) -> wire.ChallengeRequest:
-    return wire.ChallengeRequest(
-        challenge_id=secrets.token_bytes(16),
-        seed=secrets.token_bytes(32),
-        miner_hotkey=alice().ss58_address,
-        device_uuid=device,
-        n=N,
-        precision="fp32",
-        deadline_ms=deadline_ms,
-    )
-
+from .conftest import FakeWorker, MakeMiner, Miner
 
 Connected = Callable[..., Awaitable[tuple[Miner, FakeWorker]]]
 
@@ -71,14 +57,7 @@ async def test_challenge_reveal_release_round_trip(connected: Connected) -> None
         ),
         timeout=WAIT,
     )
-    spec = ChallengeSpec(
-        challenge_id=request.challenge_id,
-        seed=request.seed,
-        miner_hotkey=request.miner_hotkey,
-        worker_id=worker.worker_id,
-        device_uuid="cpu-0",
-        n=N,
-    )
+    spec = request.spec(worker.worker_id)
     rows = {r.index: (r.values, r.path) for r in reveal.rows}
     verdict = await asyncio.to_thread(verify, spec, commit.merkle_root, sample, rows)
     assert verdict.ok, verdict

@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import os
-import socket
 import stat
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -18,30 +16,20 @@ from byteleap.core.challenge import cupy_backend
 from byteleap.core.config import load_config
 from byteleap.worker.agent import CPU_DEVICE, build_devices
 from byteleap.worker.config import ENV_PREFIX, ChallengeSettings, GpuSettings, WorkerConfig
+from tests.support.fixtures import agent_command, free_port, write_secret
 from tests.support.notify_harness import NotifyHarness
 
-AGENT = [sys.executable, "-m", "byteleap.worker.agent"]
 START_TIMEOUT = 30.0  # interpreter start-up and imports on a loaded 2-core machine
 
 
-def _closed_port() -> int:
-    """A loopback port with nothing listening (bound, then released)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-    return port
-
-
 def _write_config(tmp_path: Path, extra: str = "") -> Path:
-    secret = tmp_path / "enrollment.secret"
-    secret.write_text("0123456789abcdef0123456789abcdef\n")
-    secret.chmod(0o600)
+    secret = write_secret(tmp_path / "enrollment.secret", b"0123456789abcdef0123456789abcdef")
     config = tmp_path / "worker.yaml"
     config.write_text(
         f"state_dir: {tmp_path / 'state'}\n"
         "heartbeat_interval_s: 1\n"
         "miner:\n"
-        f"  url: ws://127.0.0.1:{_closed_port()}/worker\n"
+        f"  url: ws://127.0.0.1:{free_port()}/worker\n"
         f"  enrollment_secret_file: {secret}\n"
         "  reconnect_initial_s: 0.1\n"
         "  reconnect_max_s: 0.5\n"
@@ -58,7 +46,7 @@ def _env() -> dict[str, str]:
 
 def test_ready_watchdog_and_clean_stop_with_the_miner_unreachable(tmp_path: Path) -> None:
     config = _write_config(tmp_path)
-    with NotifyHarness([*AGENT, "--config", str(config)], env=_env(), watchdog_sec=1) as h:
+    with NotifyHarness(agent_command("worker", config), env=_env(), watchdog_sec=1) as h:
         ready = h.wait_for("READY=1", timeout=START_TIMEOUT)
         assert "miner unreachable" in ready.fields.get("STATUS", ""), ready.raw
         assert "connection refused" in ready.fields["STATUS"]
@@ -96,7 +84,7 @@ def test_bad_configuration_exits_2_with_one_line(
     if extra:
         config.write_text(config.read_text().replace("heartbeat_interval_s: 1\n", extra))
     result = subprocess.run(
-        [*AGENT, "--config", str(config)],
+        agent_command("worker", config),
         env={**_env(), **env},
         capture_output=True,
         text=True,

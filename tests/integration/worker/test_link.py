@@ -40,25 +40,16 @@ from byteleap.worker.link import (
     LinkState,
     LinkStatus,
     WorkerLink,
-    enrollment_mac,
     read_pin,
 )
+from tests.support.fixtures import WAIT, eventually, free_port
 
 SECRET = b"0123456789abcdef0123456789abcdef"
-WAIT = 10.0  # generous bound for a loaded 2-core machine; the happy paths take milliseconds
 ALICE = HotkeySigner.from_uri("//Alice")
 BOB = HotkeySigner.from_uri("//Bob")
 INVENTORY_A = wire.Inventory(cpu_model="Test CPU", cpu_cores=2, mem_bytes=1 << 30)
 INVENTORY_B = wire.Inventory(cpu_model="Test CPU", cpu_cores=2, mem_bytes=2 << 30)
 M = TypeVar("M", bound=wire.Message)
-
-
-async def until(predicate: Callable[[], bool]) -> None:
-    deadline = time.monotonic() + WAIT
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not met in time")
-        await asyncio.sleep(0.01)
 
 
 # --------------------------------------------------------------------------------------------
@@ -287,7 +278,7 @@ async def test_enroll_register_challenge_reveal_release(
     session = await miner.next_session()
     assert session.register.worker_id == worker.link.worker_id
     assert session.register.inventory == INVENTORY_A
-    await until(lambda: worker.link.status.state is LinkState.CONNECTED)
+    await eventually(lambda: worker.link.status.state is LinkState.CONNECTED)
     assert worker.link.status.miner == ALICE.identity.display
 
     req = challenge("honest")
@@ -322,7 +313,7 @@ async def test_enroll_register_challenge_reveal_release(
     assert frame_id == 43 and pong.nonce == 99
 
     await session.channel.send(wire.ChallengeRelease(challenge_id=req.challenge_id))
-    await until(lambda: worker.runner.held_results == 0)
+    await eventually(lambda: worker.runner.held_results == 0)
     # A reveal after the release is refused, not crashed on.
     await session.channel.send(
         wire.RevealRequest(challenge_id=req.challenge_id, device_uuid="cpu-0", rows=[0]), id=44
@@ -347,7 +338,7 @@ async def test_refusals_answer_with_errors_and_the_worker_stays_usable(
     session = await miner.next_session()
     try:
         await session.channel.send(challenge("slow", n=128), id=10)
-        await until(lambda: worker.runner.busy_devices == {"cpu-0"})
+        await eventually(lambda: worker.runner.busy_devices == {"cpu-0"})
         await session.channel.send(challenge("second"), id=11)
         frame_id, busy = await session.expect(wire.Error)
         assert (frame_id, busy.ref, busy.code) == (11, 11, wire.ErrorCode.DEVICE_BUSY)
@@ -385,7 +376,7 @@ async def test_reconnects_with_backoff_and_registers_again(
     second = await miner.next_session()
     assert second.register.worker_id == first.register.worker_id
     assert second.register.inventory == INVENTORY_A  # state re-sent on reconnect
-    await until(lambda: worker.link.status.sessions == 2)
+    await eventually(lambda: worker.link.status.sessions == 2)
     lost = worker.waiting()
     assert len(lost) == 1
     assert lost[0].reason is not None and "4008" in lost[0].reason
@@ -395,7 +386,7 @@ async def test_reconnects_with_backoff_and_registers_again(
     # The miner fills up and drops us: every attempt is refused, delays stay under the cap.
     miner.full = True
     await second.channel.close(CloseCode.GOING_AWAY, "gone")
-    await until(lambda: len(worker.waiting()) >= 6)
+    await eventually(lambda: len(worker.waiting()) >= 6)
     refused = worker.waiting()[2:]
     assert all(s.retry_in_s is not None and s.retry_in_s <= 0.2 for s in refused)
     assert all(s.reason is not None and "CAPACITY_REACHED" in s.reason for s in refused)
@@ -410,7 +401,7 @@ class CeilingRandom(random.Random):
         return b
 
 
-async def test_backoff_grows_on_failures_and_resets_after_a_stable_session(
+async def test_backoff_grows_on_failures_restarts_after_a_session_unless_they_flap(
     start_miner: StartMiner, start_worker: StartWorker
 ) -> None:
     miner = await start_miner(full=True)
@@ -421,32 +412,40 @@ async def test_backoff_grows_on_failures_and_resets_after_a_stable_session(
         reconnect_max_s=0.08,
         stable_after_s=0.3,
     )
-    await until(lambda: len(worker.waiting()) >= 4)
+    await eventually(lambda: len(worker.waiting()) >= 4)
     assert [s.retry_in_s for s in worker.waiting()[:4]] == [0.02, 0.04, 0.08, 0.08]
 
-    miner.full = False
-    stable = await miner.next_session()
-    await asyncio.sleep(0.4)  # longer than stable_after_s
-    count = len(worker.waiting())
-    await stable.channel.close(CloseCode.GOING_AWAY, "bye")
-    await until(lambda: len(worker.waiting()) > count)
-    assert worker.waiting()[count].retry_in_s == 0.02  # reset
+    async def session_then_delay(lasting: float) -> float | None:
+        session = await miner.next_session()
+        count = len(worker.waiting())  # every attempt before this session has been reported
+        await asyncio.sleep(lasting)
+        await session.channel.close(CloseCode.GOING_AWAY, "bye")
+        await eventually(lambda: len(worker.waiting()) > count)
+        return worker.waiting()[count].retry_in_s
 
-    short = await miner.next_session()
-    await short.channel.close(CloseCode.GOING_AWAY, "flapping")  # a short session: no reset
-    await until(lambda: len(worker.waiting()) > count + 1)
-    assert worker.waiting()[count + 1].retry_in_s == 0.04
+    # A registered session that ends, even a short one (a miner restart), starts again from
+    # the initial delay: the backoff built up by the failures before it is forgotten.
+    miner.full = False
+    assert await session_then_delay(0.0) == 0.02
+    # Sessions that keep ending quickly (a flapping miner) keep growing it...
+    assert await session_then_delay(0.0) == 0.04
+    assert await session_then_delay(0.0) == 0.08
+    # ... until one lasts longer than stable_after_s.
+    assert await session_then_delay(0.4) == 0.02
+    assert await session_then_delay(0.0) == 0.02  # the first quick one after it: a restart
+    assert await session_then_delay(0.0) == 0.04
 
 
 async def test_connection_refused_is_reported_and_retried(
-    start_worker: StartWorker, unused_tcp_port: int, caplog: pytest.LogCaptureFixture
+    start_worker: StartWorker, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.WARNING, logger="byteleap.worker.link")
-    worker = start_worker(f"ws://127.0.0.1:{unused_tcp_port}/worker")
-    await until(lambda: len(worker.waiting()) >= 3)
+    port = free_port()
+    worker = start_worker(f"ws://127.0.0.1:{port}/worker")
+    await eventually(lambda: len(worker.waiting()) >= 3)
     first = worker.waiting()[0]
-    assert first.reason == "connection refused"
-    assert first.line().startswith(f"miner unreachable at ws://127.0.0.1:{unused_tcp_port}")
+    assert first.reason == "connection refused" and not first.refused
+    assert first.line().startswith(f"miner unreachable at ws://127.0.0.1:{port}")
     assert [s.failures for s in worker.waiting()[:3]] == [1, 2, 3]
     failures = [r for r in caplog.records if "failed: connection refused" in r.getMessage()]
     assert len(failures) >= 3  # one line per attempt
@@ -457,12 +456,17 @@ async def test_wrong_enrollment_secret_is_refused_by_the_miner(
 ) -> None:
     miner = await start_miner()
     worker = start_worker(miner.url, secret=b"not-the-secret-of-this-miner!!")
-    await until(lambda: len(worker.waiting()) >= 2)
-    reason = worker.waiting()[0].reason
+    await eventually(lambda: len(worker.waiting()) >= 2)
+    refused = worker.waiting()[0]
+    reason = refused.reason
     assert reason is not None
     assert "refused by miner" in reason and "4002" in reason and "AUTH_FAILED" in reason
     assert miner.proofs_failed >= 2 and miner.all_sessions == []
     assert not (worker.link.status.ever_connected)
+    # STATUS= says the miner refused us, not that it cannot be reached (and says it once).
+    line = refused.line()
+    assert refused.refused and line.startswith(f"refused by miner at {miner.url} with close code")
+    assert line.count("refused by miner") == 1 and "AUTH_FAILED" in line
 
 
 async def test_trust_on_first_use_pins_the_miner_and_refuses_another(
@@ -475,7 +479,7 @@ async def test_trust_on_first_use_pins_the_miner_and_refuses_another(
     worker = start_worker(alice.url)
     await alice.next_session()
     pin = tmp_path / PIN_FILE
-    await until(pin.exists)
+    await eventually(pin.exists)
     assert stat.S_IMODE(pin.stat().st_mode) == 0o600
     assert read_pin(pin) == ALICE.identity
     await worker.link.stop()
@@ -483,7 +487,7 @@ async def test_trust_on_first_use_pins_the_miner_and_refuses_another(
     caplog.set_level(logging.WARNING, logger="byteleap.worker.link")
     bob = await start_miner(signer=BOB)
     impostor = start_worker(bob.url)
-    await until(lambda: len(impostor.waiting()) >= 2)
+    await eventually(lambda: len(impostor.waiting()) >= 2)
     reason = impostor.waiting()[0].reason
     assert reason is not None
     assert f"refusing miner hotkey {BOB.identity.display}" in reason
@@ -496,7 +500,7 @@ async def test_trust_on_first_use_pins_the_miner_and_refuses_another(
     await impostor.link.stop()
     configured = start_worker(bob.url, miner_hotkey=BOB.identity.display)
     await bob.next_session()
-    await until(lambda: configured.link.status.state is LinkState.CONNECTED)
+    await eventually(lambda: configured.link.status.state is LinkState.CONNECTED)
     assert read_pin(pin) == ALICE.identity
 
 
@@ -507,7 +511,7 @@ async def test_heartbeats_at_the_shorter_of_configured_and_acked_interval(
     miner = await start_miner(ack_interval=acked)
     start_worker(miner.url, heartbeat_interval_s=configured)
     session = await miner.next_session()
-    await until(lambda: len(session.heartbeats) >= 6)
+    await eventually(lambda: len(session.heartbeats) >= 6)
     beats = session.heartbeats
     gaps = [b - a for a, b in itertools.pairwise(beats)]
     # Scheduled on a fixed grid: gaps average the interval even when one runs late.
@@ -547,7 +551,90 @@ async def test_results_expire_while_disconnected(
     await session.expect(wire.ChallengeCommit)
     assert worker.runner.held_results == 1
     await session.channel.close(CloseCode.GOING_AWAY, "bye")
-    await until(lambda: worker.runner.held_results == 0)
+    await eventually(lambda: worker.runner.held_results == 0)
+
+
+async def test_a_held_result_survives_a_reconnect(
+    start_miner: StartMiner, start_worker: StartWorker
+) -> None:
+    miner = await start_miner()
+    worker = start_worker(miner.url)
+    first = await miner.next_session()
+    req = challenge("across sessions")
+    await first.channel.send(req, id=7)
+    _, commit = await first.expect(wire.ChallengeCommit)
+    await first.channel.close(CloseCode.GOING_AWAY, "miner restarting")
+
+    # The miner asks for the reveal on the next session: the result was kept.
+    second = await miner.next_session()
+    assert worker.runner.held_results == 1
+    sample = draw_sample(req.n, 4, 4, random.Random(2))
+    await second.channel.send(
+        wire.RevealRequest(
+            challenge_id=req.challenge_id, device_uuid="cpu-0", rows=list(sample.rows)
+        ),
+        id=8,
+    )
+    frame_id, reveal = await second.expect(wire.ChallengeReveal)
+    assert frame_id == 8
+    revealed = {row.index: (row.values, row.path) for row in reveal.rows}
+    assert verify(req.spec(worker.link.worker_id), commit.merkle_root, sample, revealed).ok
+    await second.channel.send(wire.ChallengeRelease(challenge_id=req.challenge_id))
+    await eventually(lambda: worker.runner.held_results == 0)
+
+
+class ThreadRecordingDict(dict[bytes, Any]):
+    """Stands in for the runner's table of held results and records which threads touch it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.threads: set[str] = set()
+
+    def _touch(self) -> None:
+        self.threads.add(threading.current_thread().name)
+
+    def get(self, key: bytes, default: Any = None) -> Any:
+        self._touch()
+        return super().get(key, default)
+
+    def pop(self, key: bytes, *default: Any) -> Any:
+        self._touch()
+        return super().pop(key, *default)
+
+    def __setitem__(self, key: bytes, value: Any) -> None:
+        self._touch()
+        super().__setitem__(key, value)
+
+    def items(self) -> Any:
+        self._touch()
+        return super().items()
+
+
+async def test_an_expired_result_is_dropped_on_the_event_loop(
+    start_miner: StartMiner, start_worker: StartWorker
+) -> None:
+    """Reveals run in a thread, but the held results are only touched on the loop.
+
+    The sweeper iterates them on the loop; a reveal that expired (popped) a result from its
+    thread could change the table under the sweeper's feet and kill it.
+    """
+    miner = await start_miner()
+    worker = start_worker(miner.url, result_ttl_s=0.3, sweep_interval_s=60.0)
+    held = ThreadRecordingDict()
+    worker.runner._held = held  # type: ignore[assignment]
+    session = await miner.next_session()
+    req = challenge("expires before its reveal")
+    await session.channel.send(req, id=3)
+    await session.expect(wire.ChallengeCommit)
+    await asyncio.sleep(0.4)  # past the time to live; the sweeper is not due yet
+    assert worker.runner.held_results == 1
+    await session.channel.send(
+        wire.RevealRequest(challenge_id=req.challenge_id, device_uuid="cpu-0", rows=[0]), id=4
+    )
+    frame_id, error = await session.expect(wire.Error)
+    assert (frame_id, error.code) == (4, wire.ErrorCode.CHALLENGE_EXPIRED)
+    assert worker.runner.held_results == 0
+    assert held.threads == {threading.current_thread().name}  # the test's loop thread
 
 
 async def test_clean_stop_closes_with_going_away(
@@ -597,7 +684,7 @@ async def test_wss_with_a_pinned_certificate_fingerprint(
     context, fingerprint = _self_signed(tmp_path)
     miner = await start_miner(ssl_context=context)
     wrong = start_worker(miner.url, tls_fingerprint=bytes(32), state_dir=tmp_path / "a")
-    await until(lambda: len(wrong.waiting()) >= 1)
+    await eventually(lambda: len(wrong.waiting()) >= 1)
     reason = wrong.waiting()[0].reason
     assert reason is not None and "fingerprint mismatch" in reason
     assert fingerprint.hex() in reason
@@ -605,7 +692,7 @@ async def test_wss_with_a_pinned_certificate_fingerprint(
 
     right = start_worker(miner.url, tls_fingerprint=fingerprint, state_dir=tmp_path / "b")
     await miner.next_session()
-    await until(lambda: right.link.status.state is LinkState.CONNECTED)
+    await eventually(lambda: right.link.status.state is LinkState.CONNECTED)
 
 
 # --------------------------------------------------------------------------------------------
@@ -628,14 +715,13 @@ def test_backoff_is_full_jitter_capped_and_resettable() -> None:
     assert backoff.ceiling() == 8.0
 
 
-def test_enrollment_mac_is_hmac_sha256_of_the_channel_binding() -> None:
-    binding = bytes(range(32))
-    assert enrollment_mac(SECRET, binding) == hmac.new(SECRET, binding, "sha256").digest()
-
-
 def test_settings_refuse_inconsistent_values() -> None:
     with pytest.raises(ValueError, match="tls_fingerprint"):
         LinkSettings(url="ws://127.0.0.1:1/worker", tls_fingerprint=bytes(32))
     with pytest.raises(ValueError, match="reconnect_max_s"):
         LinkSettings(url="ws://x:1/w", reconnect_initial_s=5.0, reconnect_max_s=1.0)
+    with pytest.raises(ValueError, match="reconnect_max_s"):
+        Backoff(5.0, 1.0)
+    with pytest.raises(ValueError, match="reconnect_initial_s"):
+        Backoff(0.0, 1.0)
     assert PeerIdentity.from_ss58(ALICE.identity.display) == ALICE.identity

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sqlite3
 from pathlib import Path
 
 import pytest
@@ -9,6 +10,8 @@ import pytest
 from byteleap.core import wire
 from byteleap.core.identity import WorkerKey, worker_id_of
 from byteleap.miner.registry import RegistryError, WorkerRegistry
+
+from .builders import inventory
 
 
 class Clock:
@@ -19,25 +22,18 @@ class Clock:
         return self.now
 
 
-def inventory() -> wire.Inventory:
-    return wire.Inventory(
-        cpu_model="Test CPU",
-        cpu_cores=8,
-        mem_bytes=64 << 30,
-        disks=[],
-        nics=[],
-        gpus=[],
-    )
+def _key() -> bytes:
+    return WorkerKey.generate().identity.public_key
 
 
-def test_enroll_pins_key_and_survives_restart(tmp_path: Path) -> None:
+def test_register_pins_key_and_survives_restart(tmp_path: Path) -> None:
     db = tmp_path / "miner.db"
-    key = WorkerKey.generate().identity.public_key
+    key = _key()
+    worker_id = worker_id_of(key)
     reg = WorkerRegistry(db)
-    worker_id = reg.enroll(key, "0.1.0")
-    assert worker_id == worker_id_of(key)
-    reg.mark_online(worker_id, "0.1.0")
-    reg.update_inventory(worker_id, inventory())
+    assert reg.register(key, "0.1.0", inventory("GPU-1"), enroll=True) is True
+    assert reg.online_ids() == {worker_id}
+    reg.update_inventory(worker_id, inventory("GPU-1", "GPU-2"))
     reg.record_challenge(worker_id, ok=True)
     reg.record_challenge(worker_id, ok=False)
     reg.close()
@@ -46,63 +42,82 @@ def test_enroll_pins_key_and_survives_restart(tmp_path: Path) -> None:
     record = again.get(worker_id)
     assert record is not None
     assert record.public_key == key
-    assert record.inventory == inventory()
+    assert record.inventory == inventory("GPU-1", "GPU-2")
+    assert record.agent_version == "0.1.0"
     assert (record.challenges_ok, record.challenges_failed) == (1, 1)
     assert again.check_known(key) == worker_id
     again.mark_all_offline()
-    assert again.online_count() == 0
+    assert again.online_ids() == set()
 
 
 def test_unknown_key_must_enroll(tmp_path: Path) -> None:
     reg = WorkerRegistry(tmp_path / "m.db")
-    assert reg.check_known(WorkerKey.generate().identity.public_key) is None
+    key = _key()
+    assert reg.check_known(key) is None
+    with pytest.raises(RegistryError) as refused:
+        reg.register(key, "0.1.0", inventory(), enroll=False)
+    assert refused.value.code == wire.ErrorCode.NOT_ENROLLED
     assert reg.count() == 0
 
 
-def test_enroll_is_idempotent(tmp_path: Path) -> None:
-    reg = WorkerRegistry(tmp_path / "m.db")
-    key = WorkerKey.generate().identity.public_key
-    assert reg.enroll(key, "0.1.0") == reg.enroll(key, "0.1.0")
+def test_register_again_updates_without_pinning_twice(tmp_path: Path) -> None:
+    clock = Clock()
+    reg = WorkerRegistry(tmp_path / "m.db", clock=clock)
+    key = _key()
+    worker_id = worker_id_of(key)
+    assert reg.register(key, "0.1.0", inventory(), enroll=True) is True
+    reg.mark_offline(worker_id)
+    clock.now += 10
+    assert reg.register(key, "0.2.0", inventory("GPU-1"), enroll=False) is False
+    assert reg.register(key, "0.2.0", inventory("GPU-1"), enroll=True) is False
     assert reg.count() == 1
+    record = reg.get(worker_id)
+    assert record is not None and record.online
+    assert record.agent_version == "0.2.0" and record.inventory == inventory("GPU-1")
+    assert record.enrolled_at == clock.now - 10 and record.last_seen == clock.now
 
 
 def test_the_101st_worker_is_refused_with_a_reason(tmp_path: Path) -> None:
     reg = WorkerRegistry(tmp_path / "m.db", max_workers=100)
-    keys = [WorkerKey.generate().identity.public_key for _ in range(101)]
+    keys = [_key() for _ in range(101)]
     for key in keys[:100]:
-        reg.enroll(key, "0.1.0")
-    with pytest.raises(RegistryError) as refused:
-        reg.enroll(keys[100], "0.1.0")
-    assert refused.value.code == wire.ErrorCode.CAPACITY_REACHED
-    assert "100 workers" in str(refused.value)
+        reg.register(key, "0.1.0", inventory(), enroll=True)
+
+    def enroll_101st() -> None:
+        reg.register(keys[100], "0.1.0", inventory(), enroll=True)
+
+    for refusal in (reg.check_capacity, enroll_101st):
+        with pytest.raises(RegistryError) as refused:
+            refusal()
+        assert refused.value.code == wire.ErrorCode.CAPACITY_REACHED
+        assert "100 workers" in str(refused.value) and "maximum 100" in refused.value.message
+        assert refused.value.to_error().code == wire.ErrorCode.CAPACITY_REACHED
     assert reg.count() == 100
     # A known worker still comes back, and removing one frees a slot.
     assert reg.check_known(keys[0]) == worker_id_of(keys[0])
+    assert reg.register(keys[0], "0.1.0", inventory(), enroll=False) is False
     assert reg.remove(worker_id_of(keys[0]))
-    assert reg.enroll(keys[100], "0.1.0") == worker_id_of(keys[100])
+    reg.check_capacity()
+    assert reg.register(keys[100], "0.1.0", inventory(), enroll=True) is True
 
 
-def test_presence_expires(tmp_path: Path) -> None:
+def test_touch_records_last_seen_only(tmp_path: Path) -> None:
     clock = Clock()
     reg = WorkerRegistry(tmp_path / "m.db", clock=clock)
-    a = reg.enroll(WorkerKey.generate().identity.public_key, "0.1.0")
-    b = reg.enroll(WorkerKey.generate().identity.public_key, "0.1.0")
-    reg.mark_online(a, "0.1.0")
-    reg.mark_online(b, "0.1.0")
+    key = _key()
+    worker_id = worker_id_of(key)
+    reg.register(key, "0.1.0", inventory(), enroll=True)
+    reg.mark_offline(worker_id)
     clock.now += 60
-    reg.touch(b)
-    clock.now += 40
-    assert reg.expire(90) == [a]
-    assert reg.online_count() == 1
-    record = reg.get(b)
-    assert record is not None and record.online and record.last_seen == clock.now - 40
+    reg.touch(worker_id)
+    record = reg.get(worker_id)
+    assert record is not None and record.last_seen == clock.now
+    assert not record.online  # presence is the connection handler's business, not touch's
 
 
 def test_registry_file_is_wal(tmp_path: Path) -> None:
     db = tmp_path / "m.db"
     WorkerRegistry(db).close()
-    import sqlite3
-
     with sqlite3.connect(db) as conn:
         assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
         assert conn.execute("PRAGMA user_version").fetchone()[0] == 1

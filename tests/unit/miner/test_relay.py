@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import secrets
 
 import pytest
 
@@ -17,8 +16,9 @@ from byteleap.miner.relay import (
     inventory_devices,
 )
 
+from .builders import challenge_request, inventory
+
 WID = "ab" * 16
-HOTKEY = "5GrwvaEF5zXb26Fz9rcQpDWS57CtERHpNehXCPcNoHGKutQY"
 
 
 class FakeChannel:
@@ -35,33 +35,10 @@ class FakeChannel:
         self.broken = True
 
 
-def _inventory(*gpus: str) -> wire.Inventory:
-    return wire.Inventory(
-        cpu_model="cpu",
-        cpu_cores=1,
-        mem_bytes=1,
-        gpus=[
-            wire.GpuInfo(uuid=g, name="gpu", mem_bytes=1, pci_bus_id="0000:01:00.0") for g in gpus
-        ],
-    )
-
-
-def _request(device: str = CPU_DEVICE_UUID) -> wire.ChallengeRequest:
-    return wire.ChallengeRequest(
-        challenge_id=secrets.token_bytes(16),
-        seed=secrets.token_bytes(32),
-        miner_hotkey=HOTKEY,
-        device_uuid=device,
-        n=64,
-        precision="fp32",
-        deadline_ms=1000,
-    )
-
-
 def _setup(**kwargs: object) -> tuple[WorkerConnections, WorkerLink, FakeChannel]:
     connections = WorkerConnections(**kwargs)  # type: ignore[arg-type]
     channel = FakeChannel()
-    link = WorkerLink(WID, channel, _inventory("GPU-1"))
+    link = WorkerLink(WID, channel, inventory("GPU-1"))
     assert connections.attach(link) is None
     return connections, link, channel
 
@@ -77,12 +54,12 @@ def _commit(request: wire.ChallengeRequest) -> wire.ChallengeCommit:
 
 def test_inventory_devices() -> None:
     assert inventory_devices(None) == {CPU_DEVICE_UUID}
-    assert inventory_devices(_inventory("GPU-1", "GPU-2")) == {CPU_DEVICE_UUID, "GPU-1", "GPU-2"}
+    assert inventory_devices(inventory("GPU-1", "GPU-2")) == {CPU_DEVICE_UUID, "GPU-1", "GPU-2"}
 
 
 async def test_answer_is_matched_by_frame_id() -> None:
     connections, link, channel = _setup()
-    request = _request()
+    request = challenge_request()
     task = asyncio.create_task(connections.challenge(WID, request, timeout=5))
     sent = await channel.sent.get()
     assert sent.id > 0 and sent.msg == request
@@ -94,7 +71,7 @@ async def test_answer_is_matched_by_frame_id() -> None:
 
 async def test_error_matched_by_ref_and_wrong_answers() -> None:
     connections, link, channel = _setup()
-    task = asyncio.create_task(connections.challenge(WID, _request(), timeout=5))
+    task = asyncio.create_task(connections.challenge(WID, challenge_request(), timeout=5))
     sent = await channel.sent.get()
     error = wire.Error(code=wire.ErrorCode.CHALLENGE_INVALID, message="n too big", ref=sent.id)
     assert link.deliver(wire.Frame(msg=error, id=0))
@@ -102,7 +79,7 @@ async def test_error_matched_by_ref_and_wrong_answers() -> None:
         await task
     assert info.value.code is wire.ErrorCode.CHALLENGE_INVALID and "n too big" in info.value.message
 
-    request = _request()
+    request = challenge_request()
     task = asyncio.create_task(connections.challenge(WID, request, timeout=5))
     sent = await channel.sent.get()
     assert link.deliver(wire.Frame(msg=wire.Pong(nonce=1), id=sent.id))
@@ -135,7 +112,7 @@ async def test_late_answer_frees_the_device_and_grace_expiry_too() -> None:
     connections, link, channel = _setup(
         late_grace_s=0.2, on_outcome=lambda wid, ok: outcomes.append(ok)
     )
-    request = _request("GPU-1")
+    request = challenge_request("GPU-1")
     with pytest.raises(RelayError) as info:
         await connections.challenge(WID, request, timeout=0.05)
     assert info.value.code is wire.ErrorCode.CHALLENGE_EXPIRED
@@ -146,7 +123,7 @@ async def test_late_answer_frees_the_device_and_grace_expiry_too() -> None:
     assert link.busy_devices == frozenset()
 
     with pytest.raises(RelayError):
-        await connections.challenge(WID, _request("GPU-1"), timeout=0.05)
+        await connections.challenge(WID, challenge_request("GPU-1"), timeout=0.05)
     assert link.busy_devices == {"GPU-1"}
     await asyncio.sleep(0.3)  # no answer at all: the grace period frees it
     assert link.busy_devices == frozenset()
@@ -159,14 +136,14 @@ async def test_refusals_and_disconnect() -> None:
         ("GPU-9", wire.ErrorCode.DEVICE_UNKNOWN),
     ):
         with pytest.raises(RelayError) as info:
-            await connections.challenge(WID, _request(device), timeout=1)
+            await connections.challenge(WID, challenge_request(device), timeout=1)
         assert info.value.code is code
     assert channel.sent.empty()
 
-    task = asyncio.create_task(connections.challenge(WID, _request(), timeout=5))
+    task = asyncio.create_task(connections.challenge(WID, challenge_request(), timeout=5))
     await channel.sent.get()
     with pytest.raises(RelayError) as busy:
-        await connections.challenge(WID, _request(), timeout=1)
+        await connections.challenge(WID, challenge_request(), timeout=1)
     assert busy.value.code is wire.ErrorCode.DEVICE_BUSY
 
     assert connections.detach(link)
@@ -175,7 +152,7 @@ async def test_refusals_and_disconnect() -> None:
     assert gone.value.code is wire.ErrorCode.WORKER_OFFLINE
     assert WID not in connections and not connections.detach(link)
     with pytest.raises(RelayError) as offline:
-        await connections.challenge(WID, _request(), timeout=1)
+        await connections.challenge(WID, challenge_request(), timeout=1)
     assert offline.value.code is wire.ErrorCode.WORKER_OFFLINE
 
 
@@ -183,7 +160,7 @@ async def test_replacement_fails_the_old_links_requests() -> None:
     connections, old, channel = _setup()
     task = asyncio.create_task(connections.echo(WID, timeout=5))
     await channel.sent.get()
-    new = WorkerLink(WID, FakeChannel(), _inventory())
+    new = WorkerLink(WID, FakeChannel(), inventory())
     assert connections.attach(new) is old
     with pytest.raises(RelayError) as info:
         await task
@@ -196,6 +173,22 @@ async def test_send_failure_is_worker_offline() -> None:
     connections, _link, channel = _setup()
     channel.broken = True
     with pytest.raises(RelayError) as info:
-        await connections.challenge(WID, _request(), timeout=1)
+        await connections.challenge(WID, challenge_request(), timeout=1)
     assert info.value.code is wire.ErrorCode.WORKER_OFFLINE
     assert connections.busy_devices(WID) == frozenset()
+
+
+async def test_disconnect_frees_devices_held_for_late_answers() -> None:
+    connections, link, channel = _setup(late_grace_s=60.0)
+    request = challenge_request("GPU-1")
+    with pytest.raises(RelayError) as info:
+        await connections.challenge(WID, request, timeout=0.05)
+    assert link.busy_devices == {"GPU-1"}
+    assert connections.detach(link)
+    assert link.busy_devices == frozenset()  # the grace timer is cancelled, nothing is held
+    sent = await channel.sent.get()
+    assert not link.deliver(wire.Frame(msg=_commit(request), id=sent.id))
+    # A relay refusal reports itself to a peer like every other coded error.
+    assert isinstance(info.value, wire.CodedError)
+    error = info.value.to_error(ref=sent.id)
+    assert (error.code, error.ref) == (wire.ErrorCode.CHALLENGE_EXPIRED, sent.id)

@@ -11,8 +11,10 @@ import pytest
 
 from byteleap.core import wire
 from byteleap.core.challenge import ChallengeSpec, ProvenChallenge, draw_sample, prove, verify
-from byteleap.core.challenge.prover import Backend, NumpyBackend
+from byteleap.core.challenge.prover import Backend, NumpyBackend, ResultMatrix
+from byteleap.core.merkle import MerkleTree
 from byteleap.worker.challenges import ChallengeRefusedError, ChallengeRunner, Device
+from tests.support.fixtures import eventually
 
 WORKER_ID = "0123456789abcdef" * 2
 HOTKEY = "5GrwvaEF5zXb26Fz9rcQpDWS57CtERHpNehXCPcNoHGKutQY"
@@ -79,19 +81,23 @@ async def test_commit_reveal_verifies() -> None:
 
 
 @pytest.mark.parametrize(
-    ("req", "code"),
+    ("req", "code", "named"),
     [
-        (request("x", device="GPU-nope"), wire.ErrorCode.DEVICE_UNKNOWN),
-        (request("x", n=8192), wire.ErrorCode.CHALLENGE_INVALID),
-        (request("x", precision="bf16"), wire.ErrorCode.CHALLENGE_INVALID),
+        (request("x", device="GPU-nope"), wire.ErrorCode.DEVICE_UNKNOWN, "GPU-nope"),
+        (request("x", n=8192), wire.ErrorCode.CHALLENGE_INVALID, "8192"),
+        (request("x", precision="bf16"), wire.ErrorCode.CHALLENGE_INVALID, "bf16"),
     ],
 )
-async def test_bad_challenges_are_refused(req: wire.ChallengeRequest, code: wire.ErrorCode) -> None:
+async def test_bad_challenges_are_refused(
+    req: wire.ChallengeRequest, code: wire.ErrorCode, named: str
+) -> None:
     r = runner()
     with pytest.raises(ChallengeRefusedError) as refused:
         await r.run(req)
     assert refused.value.code == code
-    assert r.busy_devices == frozenset()
+    assert named in refused.value.message  # the miner's log says what was wrong
+    error = refused.value.to_error(ref=7)
+    assert (error.code, error.ref, error.message) == (code, 7, refused.value.message)
 
 
 async def test_failing_prover_never_leaves_the_device_busy() -> None:
@@ -116,10 +122,13 @@ async def test_failing_prover_never_leaves_the_device_busy() -> None:
 
 async def test_one_challenge_per_device_and_deadline() -> None:
     gate = threading.Event()
+    late_results: list[ProvenChallenge] = []
 
     def slow(spec: ChallengeSpec, backend: Backend) -> ProvenChallenge:
         gate.wait(10)
-        return prove(spec, backend)
+        proof = prove(spec, backend)
+        late_results.append(proof)
+        return proof
 
     r = runner(prover=slow)
     first = asyncio.create_task(r.run(request("slow", deadline_ms=200)))
@@ -128,14 +137,59 @@ async def test_one_challenge_per_device_and_deadline() -> None:
     with pytest.raises(ChallengeRefusedError) as busy:
         await r.run(request("second"))
     assert busy.value.code == wire.ErrorCode.DEVICE_BUSY
-    await asyncio.sleep(0.3)  # past the deadline; the thread is still computing
-    assert r.busy_devices == frozenset({"cpu-0"})
-    gate.set()
-    with pytest.raises(ChallengeRefusedError) as late:
-        await first
-    assert late.value.code == wire.ErrorCode.CHALLENGE_EXPIRED
-    assert r.busy_devices == frozenset() and r.held_results == 0
+    try:
+        # The refusal comes at the deadline, not when the thread gives up...
+        with pytest.raises(ChallengeRefusedError) as late:
+            await asyncio.wait_for(first, 2.0)
+        assert late.value.code == wire.ErrorCode.CHALLENGE_EXPIRED
+        assert not gate.is_set()
+        # ... but the device stays busy while the thread is still computing.
+        await asyncio.sleep(0.1)
+        assert r.busy_devices == frozenset({"cpu-0"})
+        with pytest.raises(ChallengeRefusedError) as still_busy:
+            await r.run(request("still busy"))
+        assert still_busy.value.code == wire.ErrorCode.DEVICE_BUSY
+    finally:
+        gate.set()
+    await eventually(lambda: r.busy_devices == frozenset())
+    assert r.held_results == 0
+    await eventually(lambda: len(late_results) == 1 and late_results[0].released)
     assert (await r.run(request("third"))).device_uuid == "cpu-0"
+    r.close()
+
+
+async def test_results_are_freed_in_their_devices_executor() -> None:
+    """Freeing may wait for a GPU: never on the event loop, and after the device's own work."""
+    freed_in: list[str] = []
+
+    class Recorded:
+        def __init__(self, inner: ResultMatrix) -> None:
+            self.inner = inner
+
+        def row_bytes(self, index: int) -> bytes:
+            return self.inner.row_bytes(index)
+
+        def release(self) -> None:
+            freed_in.append(threading.current_thread().name)
+            self.inner.release()
+
+    class RecordingBackend(NumpyBackend):
+        def compute(self, spec: ChallengeSpec, threads: int) -> tuple[ResultMatrix, MerkleTree]:
+            result, tree = super().compute(spec, threads)
+            return Recorded(result), tree
+
+    clock = Clock()
+    device = Device(uuid="cpu-0", backend=RecordingBackend(), precisions=frozenset({"fp32"}))
+    r = ChallengeRunner(WORKER_ID, [device], max_n=4096, result_ttl_s=300, clock=clock)
+    released, expired = request("released"), request("expired")
+    await r.run(released)
+    await r.run(expired)
+    assert r.release(released.challenge_id) and not r.release(released.challenge_id)
+    clock.now += 301
+    assert r.sweep() == 1 and r.held_results == 0
+    await eventually(lambda: len(freed_in) == 2)
+    assert all(name.startswith("challenge-cpu-0") for name in freed_in), freed_in
+    r.close()
 
 
 async def test_results_expire_and_ids_are_not_reused() -> None:
@@ -143,8 +197,9 @@ async def test_results_expire_and_ids_are_not_reused() -> None:
     r = runner(clock=clock)
     req = request("ttl")
     await r.run(req)
-    with pytest.raises(ChallengeRefusedError):
+    with pytest.raises(ChallengeRefusedError) as reused:
         await r.run(req)
+    assert reused.value.code == wire.ErrorCode.CHALLENGE_INVALID
     clock.now += 301
     with pytest.raises(ChallengeRefusedError) as expired:
         r.reveal(wire.RevealRequest(challenge_id=req.challenge_id, device_uuid="cpu-0", rows=[1]))
@@ -159,8 +214,9 @@ async def test_reveal_of_another_device_or_bad_row_is_refused() -> None:
     r = runner()
     req = request("rows")
     await r.run(req)
-    with pytest.raises(ChallengeRefusedError):
+    with pytest.raises(ChallengeRefusedError) as other:
         r.reveal(wire.RevealRequest(challenge_id=req.challenge_id, device_uuid="cpu-1", rows=[0]))
+    assert other.value.code == wire.ErrorCode.CHALLENGE_UNKNOWN
     with pytest.raises(ChallengeRefusedError) as bad:
         r.reveal(wire.RevealRequest(challenge_id=req.challenge_id, device_uuid="cpu-0", rows=[999]))
     assert bad.value.code == wire.ErrorCode.CHALLENGE_INVALID

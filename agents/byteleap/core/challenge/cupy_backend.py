@@ -118,19 +118,30 @@ def is_available() -> bool:
 
 
 class _DeviceMatrix:
-    def __init__(self, c: Any) -> None:
+    """C in the VRAM of CUDA device ``device``; any thread may read rows or release it."""
+
+    def __init__(self, c: Any, device: int) -> None:
         self._c: Any | None = c
+        self._device = device
 
     def row_bytes(self, index: int) -> bytes:
-        if self._c is None:
+        c = self._c  # once: release() may run in another thread
+        if c is None:
             raise ChallengeError("challenge result was already released")
-        row: np.ndarray = self._c[index].get()
+        with _cupy().cuda.Device(self._device):
+            row: np.ndarray = c[index].get()
         return row.astype("<f4", copy=False).tobytes()
 
     def release(self) -> None:
+        """Drop C and return the pool's free blocks to the driver (waits for the device).
+
+        The memory pool is per device: free the one of C's device, not the calling thread's.
+        """
         if self._c is not None:
             self._c = None
-            _cupy().get_default_memory_pool().free_all_blocks()
+            cp = _cupy()
+            with cp.cuda.Device(self._device):
+                cp.get_default_memory_pool().free_all_blocks()
 
 
 class CupyBackend:
@@ -186,7 +197,7 @@ class CupyBackend:
             del a, b_t
             tree = self._hash_rows(spec, c, threads)
             cp.cuda.get_current_stream().synchronize()
-        return _DeviceMatrix(c), tree
+        return _DeviceMatrix(c, self._device), tree
 
     def _gemm(self, spec: ChallengeSpec, a: Any, b_t: Any, c: Any) -> None:
         """Row-major C = A @ B_t.T as column-major C^T = op_T(B_t^T) @ A^T."""
