@@ -21,6 +21,7 @@ from __future__ import annotations
 import enum
 import hashlib
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
@@ -40,6 +41,8 @@ __all__ = [
     "SIGNATURE_BYTES",
     "SS58_FORMAT",
     "WORKER_ID_DOMAIN",
+    "BtAuthError",
+    "BtAuthVerifier",
     "HotkeySigner",
     "IdentityError",
     "IdentityKind",
@@ -352,3 +355,73 @@ class HotkeySigner:
 
     def sign(self, message: bytes) -> bytes:
         return bytes(self._keypair.sign(message))
+
+    def btauth_headers(
+        self, *, method: str, path: str, receiver_ss58: str, body: bytes = b""
+    ) -> dict[str, str]:
+        """btauth/1 headers (``bittensor.http_auth``) for one request to ``receiver_ss58``.
+
+        ``path`` is the request target exactly as sent (query included). Each request, retries
+        included, gets a fresh nanosecond nonce, so a captured request cannot be replayed.
+        """
+        from bittensor import http_auth  # identity code: the one other place bittensor may load
+
+        return http_auth.sign(
+            self._keypair, method=method, path=path, body=body, receiver_ss58=receiver_ss58
+        )
+
+
+class BtAuthError(IdentityError):
+    """A request's btauth/1 headers were refused; ``status`` is the HTTP status to answer."""
+
+    def __init__(self, status: int, reason: str) -> None:
+        super().__init__(reason)
+        self.status = status
+        self.reason = reason
+
+
+class BtAuthVerifier:
+    """Checks btauth/1-signed requests addressed to ``self_ss58`` (one per listening agent).
+
+    It keeps the replay set (hotkey, nonce) for ``max_age`` + skew, so one verifier must serve
+    every request of the process. Stake or registration checks are the caller's job.
+    """
+
+    def __init__(self, self_ss58: str, *, max_age: float = 10.0, allowed_skew: float = 2.0) -> None:
+        from bittensor import http_auth
+
+        self._http_auth = http_auth
+        self._self = self_ss58
+        self._max_age = max_age
+        self._skew = allowed_skew
+        self._nonces = http_auth.InMemoryNonceStore(retention=max_age + allowed_skew + 1.0)
+
+    def verify(
+        self, headers: Mapping[str, str], *, method: str, path: str, body: bytes = b""
+    ) -> str:
+        """The caller's ss58 hotkey, or :class:`BtAuthError` (401 unsigned/bad, 403 replayed or
+        addressed to someone else)."""
+        auth = self._http_auth
+        try:
+            caller = auth.verify(
+                headers,
+                body,
+                method=method,
+                path=path,
+                self_hotkey_ss58=self._self,
+                max_age=self._max_age,
+                allowed_skew=self._skew,
+                require_receiver=True,
+                nonce_store=self._nonces,
+            )
+        except auth.WrongReceiver as exc:
+            raise BtAuthError(403, f"request addressed to another hotkey: {exc}") from None
+        except auth.ReplayedRequest:
+            raise BtAuthError(403, "replayed request (nonce already seen)") from None
+        except auth.StaleRequest as exc:
+            raise BtAuthError(401, f"stale request (check the clocks): {exc}") from None
+        except auth.BadSignature:
+            raise BtAuthError(401, "bad btauth/1 signature") from None
+        except auth.AuthError as exc:  # MalformedAuth and any future refusal
+            raise BtAuthError(401, f"missing or malformed btauth/1 headers: {exc}") from None
+        return str(caller.hotkey_ss58)

@@ -1,0 +1,1 @@
+"""Chain access: the ChainPort and its adapters (devnet SQLite, bittensor)."""

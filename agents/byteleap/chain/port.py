@@ -1,0 +1,189 @@
+"""The chain as the agents see it: one small async port, domain types only (DESIGN §6).
+
+Adapters: :mod:`byteleap.chain.devnet` (a SQLite file shared by local processes) and
+:mod:`byteleap.chain.bittensor` (the only module that imports ``bittensor``). No SDK type crosses
+this boundary, so the agents and their tests do not care which one they talk to.
+
+A port instance acts *as one hotkey* (the agent's own): :meth:`ChainPort.publish_endpoint` and
+:meth:`ChainPort.set_weights` are signed by it. Reads need no identity.
+
+Errors are the four domain errors below, all :class:`ChainError`. A daemon treats
+:class:`ChainUnavailable` as "keep serving from the last snapshot, retry with backoff",
+:class:`RateLimited` as "wait ``retry_in_blocks``", and the other two as configuration problems
+worth a log line at error level.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Mapping
+from typing import Annotated, Final, Literal, Protocol
+
+import msgspec
+from msgspec import Meta
+
+__all__ = [
+    "DEFAULT_NETUID",
+    "MAX_UIDS",
+    "U16_MAX",
+    "ChainError",
+    "ChainPort",
+    "ChainRejected",
+    "ChainUnavailable",
+    "Endpoint",
+    "Neuron",
+    "NotRegistered",
+    "RateLimited",
+    "SubnetSnapshot",
+    "TxOutcome",
+]
+
+DEFAULT_NETUID: Final = 128
+MAX_UIDS: Final = 256
+"""UIDs per subnet under Yuma consensus."""
+U16_MAX: Final = 65535
+
+Uid = Annotated[int, Meta(ge=0, lt=65536)]
+Block = Annotated[int, Meta(ge=0)]
+
+
+class ChainError(Exception):
+    """Base of the port's domain errors; the message is one operator-readable line."""
+
+
+class ChainUnavailable(ChainError):  # noqa: N818 - names are the port's vocabulary
+    """The chain cannot be reached or did not answer in time: retry later."""
+
+
+class NotRegistered(ChainError):  # noqa: N818 - names are the port's vocabulary
+    """The acting hotkey (or the one asked about) has no uid on the subnet."""
+
+
+class RateLimited(ChainError):  # noqa: N818 - names are the port's vocabulary
+    """The chain refuses this write until ``retry_in_blocks`` more blocks have passed."""
+
+    def __init__(self, message: str, retry_in_blocks: int) -> None:
+        super().__init__(message)
+        self.retry_in_blocks = max(0, int(retry_in_blocks))
+
+
+class ChainRejected(ChainError):  # noqa: N818 - names are the port's vocabulary
+    """The chain refused the call for another reason; ``code`` is a stable upper-case name."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(f"{code}: {message}")
+        self.code = code
+
+
+class Endpoint(msgspec.Struct, frozen=True, kw_only=True):
+    """Where a neuron serves (bittensor's "axon" ip:port)."""
+
+    ip: str
+    port: Annotated[int, Meta(ge=1, le=65535)]
+
+    def __post_init__(self) -> None:
+        try:
+            ipaddress.ip_address(self.ip)
+        except ValueError:
+            raise ValueError(f"endpoint ip {self.ip!r} is not an IP address") from None
+
+    @property
+    def host(self) -> str:
+        """The ip as it appears in a URL (IPv6 in brackets)."""
+        return f"[{self.ip}]" if ":" in self.ip else self.ip
+
+    def __str__(self) -> str:
+        return f"{self.host}:{self.port}"
+
+
+class Neuron(msgspec.Struct, frozen=True, kw_only=True):
+    uid: Uid
+    hotkey: str
+    coldkey: str
+    stake_rao: Annotated[int, Meta(ge=0)]
+    validator_permit: bool
+    active: bool
+    last_update: Block
+    """Block of this neuron's last weights submission (0: never)."""
+    endpoint: Endpoint | None = None
+
+
+class SubnetSnapshot(msgspec.Struct, frozen=True, kw_only=True):
+    """One consistent view of a subnet at ``block``."""
+
+    netuid: Annotated[int, Meta(ge=0, lt=65536)]
+    block: Block
+    tempo: Annotated[int, Meta(ge=1)]
+    weights_rate_limit: Annotated[int, Meta(ge=0)]
+    """Blocks that must pass between two weight submissions of one validator."""
+    min_allowed_weights: Annotated[int, Meta(ge=0)]
+    max_weight_limit: Annotated[int, Meta(ge=1, le=U16_MAX)]
+    """The largest share one uid may get, as a u16 fraction of 65535 (65535 = no cap)."""
+    commit_reveal_enabled: bool
+    max_uids: Annotated[int, Meta(ge=1, le=U16_MAX)]
+    neurons: tuple[Neuron, ...]
+    """Sorted by uid."""
+
+    def by_hotkey(self, hotkey: str) -> Neuron | None:
+        for neuron in self.neurons:
+            if neuron.hotkey == hotkey:
+                return neuron
+        return None
+
+    def by_uid(self, uid: int) -> Neuron | None:
+        for neuron in self.neurons:
+            if neuron.uid == uid:
+                return neuron
+        return None
+
+    def validators(self, min_stake_rao: int = 0) -> tuple[Neuron, ...]:
+        """Neurons with a validator permit and at least ``min_stake_rao`` of stake."""
+        return tuple(n for n in self.neurons if n.validator_permit and n.stake_rao >= min_stake_rao)
+
+
+class TxOutcome(msgspec.Struct, frozen=True, kw_only=True):
+    """A write the chain accepted."""
+
+    block: Block
+    """The block the write landed in (or the head when it was submitted)."""
+    path: Literal["direct", "timelocked", "serve"]
+    """How weights went on chain: ``direct`` (set_mechanism_weights) or ``timelocked``
+    (commit-reveal v4, revealed by the chain at ``reveal_round``); ``serve`` for endpoints."""
+    reveal_round: int | None = None
+    message: str = ""
+
+
+class ChainPort(Protocol):
+    """What the agents need from a chain. Every method may raise :class:`ChainError`."""
+
+    async def head_block(self) -> int: ...
+
+    async def block_time(self) -> float:
+        """Seconds per block."""
+        ...
+
+    async def subnet(self, netuid: int) -> SubnetSnapshot: ...
+
+    async def uid_of(self, netuid: int, hotkey: str) -> int | None: ...
+
+    async def publish_endpoint(self, netuid: int, ip: str, port: int) -> TxOutcome:
+        """Publish where the acting hotkey serves (raises NotRegistered if it has no uid)."""
+        ...
+
+    async def set_weights(
+        self, netuid: int, weights: Mapping[int, float], *, version_key: int = 0
+    ) -> TxOutcome:
+        """Set the acting hotkey's weights, uid -> non-negative weight (any scale).
+
+        Weights are clipped to ``max_weight_limit``, max-upscaled to u16 and rounded, zeros
+        dropped, as bittensor does. Raises :class:`NotRegistered`, :class:`RateLimited`, or
+        :class:`ChainRejected` (``NOT_AUTHORIZED`` without a validator permit,
+        ``INVALID_ARGUMENT`` for unknown uids, too few weights, or negative/non-finite values).
+        """
+        ...
+
+    async def weights(self, netuid: int) -> dict[int, dict[int, int]]:
+        """Weights now visible on chain: validator uid -> {uid: u16 value}."""
+        ...
+
+    async def close(self) -> None: ...

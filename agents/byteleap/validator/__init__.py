@@ -1,0 +1,1 @@
+"""byteleap-validator: challenges idle workers, verifies, scores, sets weights."""
