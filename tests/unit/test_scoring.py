@@ -716,3 +716,18 @@ def test_worker_score_monotone_in_inputs(
         return next(s.score for s in res.workers if s.miner_hotkey == "me")
 
     assert score(better) >= score(me)
+
+
+def test_short_devnet_windows_are_whole_seconds() -> None:
+    params = ScoringParams(
+        window_hours=0.05,
+        bucket_seconds=5,
+        challenge_window_minutes=1.5,
+        challenge_interval_seconds=5,
+    )
+    assert (params.window_seconds, params.window_buckets) == (180, 36)
+    assert params.challenge_window_seconds == 90
+    with pytest.raises(ScoringError, match="window_hours"):
+        ScoringParams(window_hours=0.0001)  # 0.36 s
+    with pytest.raises(ScoringError, match="challenge_window_minutes"):
+        ScoringParams(challenge_window_minutes=0.501)  # 30.06 s

@@ -85,6 +85,13 @@ def _positive_int(name: str, value: int) -> int:
     return value
 
 
+def _whole_seconds(name: str, value: float, unit_seconds: int) -> None:
+    """``value`` units must be a positive whole number of seconds (fractions: short devnets)."""
+    seconds = _finite(name, value) * unit_seconds
+    if seconds < 1.0 or abs(seconds - round(seconds)) > 1e-6:
+        raise ScoringError(f"{name} must be a positive whole number of seconds, got {value!r}")
+
+
 def _non_negative_int(name: str, value: int) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
         raise ScoringError(f"{name} must be a non-negative integer, got {value!r}")
@@ -115,9 +122,9 @@ class ScoringParams(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
 
     w_lease: float = 0.9
     w_challenge: float = 0.1
-    window_hours: int = 169
+    window_hours: float = 169
     bucket_seconds: int = 300
-    challenge_window_minutes: int = 180
+    challenge_window_minutes: float = 180
     challenge_interval_seconds: float = 240.0
     participation_threshold: float = 0.8
     split_baseline: float = 0.5
@@ -133,14 +140,14 @@ class ScoringParams(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
             raise ScoringError("w_lease + w_challenge must be > 0")
         if self.split_baseline + self.split_rank <= 0.0:
             raise ScoringError("split_baseline + split_rank must be > 0")
-        _positive_int("window_hours", self.window_hours)
+        _whole_seconds("window_hours", self.window_hours, 3600)
         _positive_int("bucket_seconds", self.bucket_seconds)
-        if (self.window_hours * 3600) % self.bucket_seconds:
+        if self.window_seconds % self.bucket_seconds:
             raise ScoringError(
-                f"window_hours·3600 ({self.window_hours * 3600} s) must be a multiple of "
+                f"window_hours·3600 ({self.window_seconds} s) must be a multiple of "
                 f"bucket_seconds ({self.bucket_seconds})"
             )
-        _positive_int("challenge_window_minutes", self.challenge_window_minutes)
+        _whole_seconds("challenge_window_minutes", self.challenge_window_minutes, 60)
         if _finite("challenge_interval_seconds", self.challenge_interval_seconds) <= 0.0:
             raise ScoringError("challenge_interval_seconds must be > 0")
         threshold = _finite("participation_threshold", self.participation_threshold)
@@ -155,7 +162,7 @@ class ScoringParams(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
     @property
     def window_seconds(self) -> int:
         """Length of the availability and lease window (169 h = 608 400 s)."""
-        return self.window_hours * 3600
+        return round(self.window_hours * 3600)
 
     @property
     def window_buckets(self) -> int:
@@ -165,7 +172,7 @@ class ScoringParams(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
     @property
     def challenge_window_seconds(self) -> int:
         """Length of the window whose verified challenges count (180 min = 10 800 s)."""
-        return self.challenge_window_minutes * 60
+        return round(self.challenge_window_minutes * 60)
 
     @property
     def participation_baseline(self) -> float:
