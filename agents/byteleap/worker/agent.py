@@ -160,8 +160,14 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def main(argv: Sequence[str] | None = None) -> None:
-    """Entry point of ``byteleap-worker``."""
+def main(
+    argv: Sequence[str] | None = None, *, runner_type: type[ChallengeRunner] = ChallengeRunner
+) -> None:
+    """Entry point of ``byteleap-worker``.
+
+    ``runner_type`` exists for the devnet's deliberately dishonest workers (byteleap.devnet); the
+    packaged command always runs the honest :class:`ChallengeRunner`.
+    """
     args = _parse_args(argv)
     config_path = Path(args.config)
     try:
@@ -191,14 +197,19 @@ def main(argv: Sequence[str] | None = None) -> None:
         extra=log_fields(worker_id=key.worker_id, miner_url=settings.url),
     )
     try:
-        code = asyncio.run(_serve(cfg, settings, key, secret, state_dir))
+        code = asyncio.run(_serve(cfg, settings, key, secret, state_dir, runner_type))
     except KeyboardInterrupt:  # a second Ctrl-C during shutdown
         code = 130
     raise SystemExit(code)
 
 
 async def _serve(
-    cfg: WorkerConfig, settings: LinkSettings, key: WorkerKey, secret: bytes, state_dir: Path
+    cfg: WorkerConfig,
+    settings: LinkSettings,
+    key: WorkerKey,
+    secret: bytes,
+    state_dir: Path,
+    runner_type: type[ChallengeRunner] = ChallengeRunner,
 ) -> int:
     loop = asyncio.get_running_loop()
     notifier = Notifier()
@@ -217,7 +228,7 @@ async def _serve(
         notifier.status("starting: collecting the inventory and setting up challenge devices")
         inv = await asyncio.to_thread(inventory.collect_inventory)
         devices = await asyncio.to_thread(build_devices, cfg, inv)
-        runner = ChallengeRunner(
+        runner = runner_type(
             key.worker_id,
             devices,
             max_n=cfg.challenge.max_n,
