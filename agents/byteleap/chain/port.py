@@ -86,6 +86,8 @@ class Endpoint(msgspec.Struct, frozen=True, kw_only=True):
             ipaddress.ip_address(self.ip)
         except ValueError:
             raise ValueError(f"endpoint ip {self.ip!r} is not an IP address") from None
+        if not 1 <= self.port <= 65535:  # Meta bounds apply when decoding, not here
+            raise ValueError(f"endpoint port {self.port} is outside 1-65535")
 
     @property
     def host(self) -> str:
@@ -150,6 +152,8 @@ class TxOutcome(msgspec.Struct, frozen=True, kw_only=True):
     """How weights went on chain: ``direct`` (set_mechanism_weights) or ``timelocked``
     (commit-reveal v4, revealed by the chain at ``reveal_round``); ``serve`` for endpoints."""
     reveal_round: int | None = None
+    """Timelocked weights: when the chain reveals them (bittensor: a drand round; the devnet: a
+    block number). Compare it only with values of the same adapter."""
     message: str = ""
 
 
