@@ -10,7 +10,7 @@ STAMP  := $(VENV)/.installed
 .PHONY: help setup test lint typecheck unit demo bench clean distclean
 
 help:
-	@echo "make demo   - one local challenge round trip (prove + verify), figures printed"
+	@echo "make demo   - the one-box devnet: chain, validator, 2 miners, 5 workers, 4 rounds, weights"
 	@echo "make test   - ruff, mypy and the whole pytest suite"
 	@echo "make bench  - benchmarks under tests/perf, JSON written to build/bench.json"
 
@@ -35,10 +35,11 @@ unit: $(STAMP)
 	$(VENV)/bin/pytest tests/unit -q
 
 test: lint typecheck
+	bin/ensure-postgres
 	$(VENV)/bin/pytest -q
 
 demo: $(STAMP)
-	$(VENV)/bin/byteleapctl challenge demo
+	$(VENV)/bin/byteleapctl devnet up --miners 2 --workers 5 --cheaters 1 --flaky 1 --rounds 4
 
 bench: $(STAMP)
 	@mkdir -p build

@@ -21,6 +21,8 @@ from typing import Any
 import aiohttp
 import pytest
 
+from byteleap.chain.devnet import DevnetChain
+from byteleap.core.identity import HotkeySigner
 from tests.support.fixtures import agent_command, free_port, write_secret
 from tests.support.notify_harness import NotifyHarness
 
@@ -41,6 +43,9 @@ def home() -> Iterator[Path]:
 
 
 def _miner(home: Path, port: int) -> list[str]:
+    chain = home / "chain.db"
+    if not chain.exists():  # the miner must be registered on the (devnet) chain to start
+        DevnetChain.create(chain).register(128, HotkeySigner.from_uri("//Alice").ss58_address)
     config = home / "miner.yaml"
     config.write_text(
         f"state_dir: {home / 'miner'}\n"
@@ -49,6 +54,7 @@ def _miner(home: Path, port: int) -> list[str]:
         f"  enrollment_secret_file: {write_secret(home / 'miner.secret', SECRET)}\n"
         "  heartbeat_interval_s: 1\n"
         "  heartbeat_timeout_s: 10\n"
+        f"chain: {{network: devnet, devnet_path: {chain}}}\n"
     )
     return agent_command(
         "miner", config, "--hotkey-uri", "//Alice", "--control-socket", str(home / "control.sock")

@@ -59,8 +59,10 @@ class Server:
     refusals: list[AcceptFailed] = field(default_factory=list)
     frames: list[wire.Frame] = field(default_factory=list)
     closed: asyncio.Queue[ChannelClosed] = field(default_factory=asyncio.Queue)
+    upgrade_headers: list[dict[str, str]] = field(default_factory=list)
 
     async def handler(self, request: web.Request) -> web.StreamResponse:
+        self.upgrade_headers.append(dict(request.headers))
         try:
             channel = await accept(
                 request,
@@ -202,6 +204,27 @@ async def test_miner_validator_link_and_concurrent_senders(
     await _next_close(server)
     assert sorted(f.id for f in server.frames) == list(range(1, 51))
     assert server.channels[0].peer == miner.identity
+
+
+async def test_dial_sends_extra_headers_on_the_upgrade_request(
+    make_server: Callable[..., Awaitable[Server]], http: aiohttp.ClientSession
+) -> None:
+    server = await make_server(
+        link=wire.Link.MINER_VALIDATOR, prologue=b"byteleap/miner-validator/v1"
+    )
+    miner = HotkeySigner.from_uri("//Bob")
+    signed = {"X-Bittensor-Hotkey": miner.ss58_address, "X-Bittensor-Nonce": "123"}
+    channel = await _dial(http, server, miner, headers=signed)
+    plain = await _dial(http, server, miner)  # without headers: nothing extra is sent
+    await channel.close()
+    await plain.close()
+    for _ in range(2):
+        await _next_close(server)
+    with_headers, without = server.upgrade_headers
+    assert with_headers["X-Bittensor-Hotkey"] == miner.ss58_address
+    assert with_headers["X-Bittensor-Nonce"] == "123"
+    assert with_headers["Upgrade"].lower() == "websocket"  # aiohttp's own headers stay
+    assert "X-Bittensor-Hotkey" not in without
 
 
 async def test_send_refuses_wrong_direction_and_oversize_locally(

@@ -9,6 +9,8 @@ import typer
 
 from .. import __version__
 from .challenge import app as challenge_app
+from .devnet import app as devnet_app
+from .scores import app as scores_app
 
 app = typer.Typer(
     name="byteleapctl",
@@ -17,6 +19,8 @@ app = typer.Typer(
     add_completion=False,
 )
 app.add_typer(challenge_app, name="challenge")
+app.add_typer(devnet_app, name="devnet")
+app.add_typer(scores_app, name="scores")
 
 
 @app.command()

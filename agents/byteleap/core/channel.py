@@ -48,7 +48,7 @@ import dataclasses
 import enum
 import ssl as ssl_module
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from typing import Any, NoReturn
 
 import aiohttp
@@ -529,9 +529,11 @@ async def dial(
     rate_limit: RateLimiter | None = None,
     heartbeat: float | None = None,
     close_timeout: float = DEFAULT_CLOSE_TIMEOUT,
+    headers: Mapping[str, str] | None = None,
 ) -> Channel:
     """Connect to ``url`` and run the client side of the handshake.
 
+    ``headers`` go on the HTTP upgrade request (the miner's btauth/1 signature travels there).
     ``handshake_timeout`` (default: the config's) bounds the connection and the handshake
     together. Raises :class:`ChannelClosed` if the server refuses us (its code, ``by_peer``), if
     the server fails our ``authorize`` (4002) or the handshake fails or times out (4001);
@@ -550,6 +552,7 @@ async def dial(
             heartbeat=heartbeat,
             compress=0,
             timeout=aiohttp.ClientWSTimeout(ws_receive=None, ws_close=close_timeout),
+            headers=headers,
         )
     try:
         async with _handshake_deadline(ws, deadline):

@@ -2,11 +2,18 @@
 
 Start-up validates everything before it serves: configuration (``--config``, env prefix
 ``BYTELEAP_MINER``), the enrollment secret (systemd credential ``enrollment-secret`` or
-``policy.enrollment_secret_file``), the hotkey, TLS material. Any of those failing is exit code 2
-with one line on stderr. Then it opens the worker registry in ``state_dir`` (marking every worker
-offline: nobody is connected yet), listens for workers, opens the local control socket, and only
-then sends ``READY=1`` with ``STATUS=<n> workers online...``. ``WATCHDOG=1`` comes from the event
-loop; SIGTERM/SIGINT send ``STOPPING=1`` and drain: control socket closed, workers told
+``policy.enrollment_secret_file``), the hotkey, TLS material, the ``chain:`` section, and the
+miner's registration on ``chain.netuid``. Any of those failing is exit code 2 with one line on
+stderr: a miner that the chain says is not registered cannot earn, so it says so and stops. A
+chain that cannot be reached is not fatal: the miner serves its workers and keeps retrying (the
+validator links start as soon as a snapshot arrives).
+
+Then it opens the worker registry in ``state_dir`` (marking every worker offline: nobody is
+connected yet), listens for workers, opens the local control socket, starts the validator links
+(:mod:`byteleap.miner.uplink`) and only then sends ``READY=1`` with
+``STATUS=<n> workers online, <e>/<max> enrolled, <c>/<v> validators connected``. ``WATCHDOG=1``
+comes from the event loop; SIGTERM/SIGINT send ``STOPPING=1`` and drain: validators told
+``GOING_AWAY`` first (no new challenges arrive), then the control socket closed, workers told
 ``GOING_AWAY``, pending requests failed, registry marked offline and closed.
 """
 
@@ -23,6 +30,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..chain.config import open_chain
+from ..chain.port import ChainError, ChainPort, ChainUnavailable
 from ..core.config import ConfigError, load_config
 from ..core.credentials import CredentialError, read_secret
 from ..core.identity import HotkeySigner, IdentityError
@@ -33,8 +42,18 @@ from .control import ControlServer, default_control_path
 from .registry import WorkerRegistry
 from .relay import WorkerConnections
 from .server import MinerServer, tls_context
+from .uplink import UplinkSettings, ValidatorUplinks, client_session, worker_roster
 
-__all__ = ["Prepared", "StartupError", "main", "open_registry", "parse_args", "prepare", "run"]
+__all__ = [
+    "Prepared",
+    "StartupError",
+    "main",
+    "open_miner_chain",
+    "open_registry",
+    "parse_args",
+    "prepare",
+    "run",
+]
 
 log = logging.getLogger("byteleap.miner")
 
@@ -113,6 +132,41 @@ def prepare(args: argparse.Namespace) -> Prepared:
     return Prepared(config, signer, secret, control_path, server_tls)
 
 
+async def open_miner_chain(config: MinerConfig, hotkey_ss58: str) -> ChainPort:
+    """The chain port, after checking that ``hotkey_ss58`` is registered on ``chain.netuid``.
+
+    Raises StartupError when the chain section is unusable or the chain answers that the hotkey
+    is not registered; an unreachable chain is only logged (the uplinks keep retrying).
+    """
+    netuid = config.chain.netuid
+    try:
+        chain = open_chain(config.chain, hotkey_ss58)
+    except (ChainError, ValueError) as exc:
+        raise StartupError(f"chain: {exc}") from None
+    try:
+        uid = await chain.uid_of(netuid, hotkey_ss58)
+    except ChainUnavailable as exc:
+        log.warning(
+            "chain unreachable at start-up (%s); serving workers and retrying; the "
+            "registration of %s on netuid %d is not checked yet",
+            exc,
+            hotkey_ss58,
+            netuid,
+        )
+        return chain
+    except ChainError as exc:
+        await chain.close()
+        raise StartupError(f"chain: {exc}") from None
+    if uid is None:
+        await chain.close()
+        raise StartupError(
+            f"hotkey {hotkey_ss58} is not registered on netuid {netuid}; register it "
+            f"(btcli subnet register --netuid {netuid}) and start the miner again"
+        )
+    log.info("hotkey %s is uid %d on netuid %d", hotkey_ss58, uid, netuid)
+    return chain
+
+
 def open_registry(config: MinerConfig) -> WorkerRegistry:
     """Create ``state_dir`` (0700) if needed and open the registry, every worker offline."""
     state_dir = Path(config.state_dir)
@@ -122,21 +176,40 @@ def open_registry(config: MinerConfig) -> WorkerRegistry:
     return registry
 
 
-async def run(prepared: Prepared, registry: WorkerRegistry) -> int:
-    """Serve until SIGTERM/SIGINT; closes ``registry`` on the way out."""
+async def run(prepared: Prepared, registry: WorkerRegistry, chain: ChainPort) -> int:
+    """Serve until SIGTERM/SIGINT; closes ``registry`` on the way out (not ``chain``)."""
     config = prepared.config
     notifier = Notifier()
     loop = asyncio.get_running_loop()
-
-    server: MinerServer | None = None
-
-    def refresh_status() -> None:
-        if server is not None:
-            notifier.status(server.status_line())
+    http = client_session()
 
     connections = WorkerConnections(
         on_outcome=lambda worker_id, ok: registry.record_challenge(worker_id, ok=ok)
     )
+    server: MinerServer | None = None
+
+    def refresh_status() -> None:
+        if server is not None:
+            notifier.status(status_line())
+
+    uplinks = ValidatorUplinks(
+        chain=chain,
+        signer=prepared.signer,
+        relay=connections,
+        roster=lambda: worker_roster(registry, connections),
+        http=http,
+        settings=UplinkSettings.from_config(config),
+        on_status=refresh_status,
+    )
+
+    def status_line() -> str:
+        assert server is not None
+        return f"{server.status_line()}, {uplinks.status_line()}"
+
+    def workers_changed() -> None:
+        refresh_status()
+        uplinks.roster_changed()
+
     server = MinerServer(
         config,
         signer=prepared.signer,
@@ -144,23 +217,28 @@ async def run(prepared: Prepared, registry: WorkerRegistry) -> int:
         enrollment_secret=prepared.secret,
         connections=connections,
         ssl_context=prepared.server_tls,
-        on_change=refresh_status,
+        on_change=workers_changed,
     )
     control = ControlServer(
         registry=registry,
         connections=connections,
         miner_hotkey=prepared.signer.ss58_address,
         path=prepared.control_path,
-        status=server.status_line,
+        status=status_line,
         close_worker=server.disconnect,
+        validators=uplinks.status,
     )
 
     async def shutdown() -> None:
         assert server is not None
         try:
-            await control.stop()
+            try:
+                await uplinks.stop()  # first: no validator request reaches a draining relay
+            finally:
+                await control.stop()
         finally:
             await server.stop()
+            await http.close()
 
     trigger = install_signal_handlers(loop, shutdown, notifier)
     try:
@@ -172,12 +250,13 @@ async def run(prepared: Prepared, registry: WorkerRegistry) -> int:
             await shutdown()
         registry.close()
         return EXIT_FAILURE
+    uplinks.start()
 
-    notifier.ready(server.status_line())
+    notifier.ready(status_line())
     log.info(
         "miner %s ready: %s",
         prepared.signer.ss58_address,
-        server.status_line(),
+        status_line(),
         extra=log_fields(control_socket=str(control.path), urls=" ".join(server.urls)),
     )
     watchdog = asyncio.create_task(run_watchdog(notifier, watchdog_interval()), name="watchdog")
@@ -209,14 +288,27 @@ def main(argv: Sequence[str] | None = None) -> int:
     setup_logging("miner", prepared.config.logging.level)
     log.debug("pid %d", os.getpid())
     try:
-        registry = open_registry(prepared.config)
-    except Exception as exc:  # OSError, sqlite3.Error
-        log.error("cannot open the worker registry in %s: %s", prepared.config.state_dir, exc)
-        return EXIT_FAILURE
-    try:
-        return asyncio.run(run(prepared, registry))
+        return asyncio.run(_serve(prepared))
     except KeyboardInterrupt:  # pragma: no cover - SIGINT is handled on the loop
         return EXIT_OK
+
+
+async def _serve(prepared: Prepared) -> int:
+    """Chain and registration check, registry, then :func:`run`."""
+    try:
+        chain = await open_miner_chain(prepared.config, prepared.signer.ss58_address)
+    except StartupError as exc:
+        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    try:
+        try:
+            registry = open_registry(prepared.config)
+        except Exception as exc:  # OSError, sqlite3.Error
+            log.error("cannot open the worker registry in %s: %s", prepared.config.state_dir, exc)
+            return EXIT_FAILURE
+        return await run(prepared, registry, chain)
+    finally:
+        await chain.close()
 
 
 if __name__ == "__main__":

@@ -7,7 +7,9 @@ the miner's own uid are served (403 otherwise), whatever the file mode lets thro
 Endpoints:
 
 ``GET /status``
-    ``{"status": "<one line>", "online": n, "enrolled": n, "connections": n, "hotkey": ss58}``
+    ``{"status": "<one line>", "online": n, "enrolled": n, "hotkey": ss58, "validators":
+    [{"hotkey", "uid", "url", "state", "since", "sessions", "failures", "last_error",
+    "retry_in_s"}, ...]}`` (one entry per permitted validator the miner dials)
 ``GET /workers``
     every enrolled worker from the registry, with ``online`` (registry) and ``connected`` (a live
     link right now), devices and counters.
@@ -32,7 +34,7 @@ import socket
 import stat
 import struct
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -45,6 +47,7 @@ from ..core.challenge.spec import MAX_SAMPLE_COLUMNS, MAX_SAMPLE_ROWS
 from ..core.logs import log_fields
 from .registry import WorkerRecord, WorkerRegistry
 from .relay import RelayError, WorkerConnections
+from .uplink import ValidatorStatus
 
 __all__ = [
     "CONTROL_SOCKET_NAME",
@@ -153,8 +156,10 @@ class ControlServer:
         allowed_uids: frozenset[int] | None = None,
         status: Callable[[], str] | None = None,
         close_worker: Callable[[str], Awaitable[object]] | None = None,
+        validators: Callable[[], Sequence[ValidatorStatus]] | None = None,
     ) -> None:
-        """``close_worker(worker_id)`` closes a retired worker's connection (the server's)."""
+        """``close_worker(worker_id)`` closes a retired worker's connection (the server's);
+        ``validators()`` lists the validator links (the uplinks')."""
         self.registry = registry
         self.connections = connections
         self.miner_hotkey = miner_hotkey
@@ -164,6 +169,7 @@ class ControlServer:
         )
         self._status = status
         self._close_worker = close_worker
+        self._validators = validators
         self._runner: web.AppRunner | None = None
         self.app = web.Application(middlewares=[self._peer_check], client_max_size=MAX_BODY_BYTES)
         self.app.router.add_get("/status", self._get_status)
@@ -221,6 +227,9 @@ class ControlServer:
                 "online": len(self.connections),
                 "enrolled": self.registry.count(),
                 "hotkey": self.miner_hotkey,
+                "validators": msgspec.to_builtins(
+                    list(self._validators()) if self._validators is not None else []
+                ),
             }
         )
 

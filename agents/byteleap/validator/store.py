@@ -23,17 +23,22 @@ The model
 All methods are synchronous and thread-safe; the validator calls them from worker threads.
 Transient backend failures (PostgreSQL restarting, SQLite busy) raise :class:`StoreUnavailable`
 so the caller can retry the same call; every write is idempotent for that reason.
+
+Open a store with :func:`open_store` (the backend modules are imported only when used, so a
+SQLite validator never loads psycopg); show a URL with :func:`redact_url`, never as given.
 """
 
 from __future__ import annotations
 
 import enum
+import re
+import urllib.parse
 from collections.abc import Iterable, Mapping, Sequence
-from typing import Protocol
+from typing import Final, Protocol
 
 import msgspec
 
-from ..core.scoring import NetworkScore, ScoringParams, WorkerInput
+from ..core.scoring import DEFAULT_PARAMS, NetworkScore, ScoringParams, WorkerInput
 
 __all__ = [
     "SCHEMA_VERSION",
@@ -50,6 +55,8 @@ __all__ = [
     "StoreUnavailable",
     "WeightsRecord",
     "WorkerRoundOutcome",
+    "open_store",
+    "redact_url",
 ]
 
 SCHEMA_VERSION = 1
@@ -296,3 +303,67 @@ class Store(Protocol):
         ``keep_cycles`` cycles, history entries older than ``history_window_s`` and workers not
         seen for longer than the availability window; returns the number of rows deleted."""
         ...
+
+
+# ---- opening a store ----------------------------------------------------------------------------
+
+DEFAULT_TIMEOUT_S: Final = 10.0
+"""How long one call may wait for a connection or a lock before :class:`StoreUnavailable`."""
+
+_PASSWORD_KEYWORD: Final = re.compile(r"(password\s*=\s*)('(?:[^'\\]|\\.)*'|\S*)", re.IGNORECASE)
+
+
+def redact_url(url: str) -> str:
+    """``url`` with any password replaced by ``***`` (in the user part or a ``password=``
+    parameter); safe to log or print. Anything unparseable is hidden entirely."""
+    if "://" not in url:
+        return _PASSWORD_KEYWORD.sub(r"\1***", url)
+    try:
+        parts = urllib.parse.urlsplit(url)
+    except ValueError:
+        return url.split("://", 1)[0] + "://<unparseable, hidden>"
+    shown = url
+    if "@" in parts.netloc:
+        userinfo, host = parts.netloc.rsplit("@", 1)
+        if ":" in userinfo:
+            hidden = f"{userinfo.split(':', 1)[0]}:***@{host}"
+            shown = shown.replace(f"//{parts.netloc}", f"//{hidden}", 1)
+    pairs = urllib.parse.parse_qsl(parts.query, keep_blank_values=True)
+    if any(k.lower() == "password" for k, _ in pairs):
+        query = urllib.parse.urlencode(
+            [(k, "***" if k.lower() == "password" else v) for k, v in pairs], safe="*"
+        )
+        shown = shown.replace(f"?{parts.query}", f"?{query}", 1)
+    return shown
+
+
+def open_store(
+    url: str,
+    *,
+    params: ScoringParams = DEFAULT_PARAMS,
+    timeout_s: float = DEFAULT_TIMEOUT_S,
+    pool_size: int = 4,
+) -> Store:
+    """Open ``sqlite:///relative/path``, ``sqlite:////absolute/path`` or ``postgresql://...``.
+
+    ``params`` are the validator's scoring parameters: they give new availability bitmaps their
+    geometry and bound the history kept per worker. ``timeout_s`` bounds every wait (connection,
+    lock, statement); ``pool_size`` is PostgreSQL's connection pool size. Opening does not need
+    the database to be reachable: an unreachable PostgreSQL makes each call raise
+    :class:`StoreUnavailable` until it is back. Raises :class:`StoreError` for a URL that names no
+    supported backend or a SQLite file that cannot be created.
+    """
+    if not (timeout_s > 0):
+        raise StoreError(f"timeout_s must be > 0, got {timeout_s!r}")
+    scheme = url.split("://", 1)[0].lower() if "://" in url else ""
+    if scheme == "sqlite":
+        from .store_sqlite import SQLiteStore
+
+        return SQLiteStore.from_url(url, params=params, timeout_s=timeout_s)
+    if scheme in ("postgresql", "postgres"):
+        from .store_postgres import PostgresStore
+
+        return PostgresStore(url, params=params, timeout_s=timeout_s, pool_size=pool_size)
+    raise StoreError(
+        f"unsupported store URL {redact_url(url)!r}: use sqlite:///path or postgresql://..."
+    )

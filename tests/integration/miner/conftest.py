@@ -245,9 +245,11 @@ async def make_miner(tmp_path: Path) -> AsyncIterator[MakeMiner]:
         connections: WorkerConnections | None = None,
         clock: Callable[[], float] | None = None,
         sweep_interval_s: float | None = None,
+        on_change: Callable[[], None] | None = None,
         **policy: Any,
     ) -> Miner:
-        """``clock`` drives both the server (liveness) and the registry (timestamps)."""
+        """``clock`` drives both the server (liveness) and the registry (timestamps);
+        ``on_change`` is the server's hook for worker changes (the daemon's roster trigger)."""
         config = MinerConfig(
             state_dir=str(tmp_path),
             policy=WorkerPolicy(**{"handshake_timeout_s": 5.0, **policy}),
@@ -272,6 +274,7 @@ async def make_miner(tmp_path: Path) -> AsyncIterator[MakeMiner]:
             connections=conns,
             close_timeout_s=1.0,
             sweep_interval_s=sweep_interval_s,
+            on_change=on_change,
             clock=clock or time.monotonic,
         )
         await server.start(host="127.0.0.1", port=0)

@@ -16,9 +16,20 @@ import pytest
 
 from byteleap.core.channel import CloseCode
 from byteleap.miner.control import ControlServer, default_control_path
+from byteleap.miner.uplink import ValidatorState, ValidatorStatus
 from tests.support.fixtures import WAIT, eventually
 
 from .conftest import FakeWorker, MakeMiner, Miner, alice
+
+BOB = "5FHneW46xGXgs5mUiveU4sbTyGBzmstUspZC92UhjJM694ty"  # //Bob, a validator
+VALIDATOR = ValidatorStatus(
+    hotkey=BOB,
+    uid=3,
+    url="ws://127.0.0.1:9000/v1/miner",
+    state=ValidatorState.CONNECTED,
+    since=1700000000.0,
+    sessions=2,
+)
 
 
 @pytest.fixture
@@ -48,6 +59,7 @@ async def setup(make_miner: MakeMiner, socket_dir: Path) -> AsyncIterator[Setup]
             allowed_uids=allowed_uids,
             status=miner.server.status_line,
             close_worker=miner.server.disconnect,
+            validators=lambda: [VALIDATOR],
         )
         await control.start()
         controls.append(control)
@@ -99,6 +111,9 @@ async def test_socket_mode_status_and_workers(
     assert status["online"] == 1 and status["enrolled"] == 1
     assert status["status"].startswith("1 worker online")
     assert status["hotkey"] == alice().ss58_address
+    (validator,) = status["validators"]
+    assert validator["hotkey"] == BOB and validator["state"] == "connected"
+    assert validator["uid"] == 3 and validator["sessions"] == 2 and validator["last_error"] is None
 
     await control.stop()
     assert not control.path.exists()

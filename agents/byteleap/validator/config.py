@@ -1,0 +1,238 @@
+"""byteleap-validator configuration (/etc/byteleap/validator.yaml, env prefix BYTELEAP_VALIDATOR).
+
+Sections: ``listen`` (the miner-facing WebSocket and the endpoint published on chain), ``chain``,
+``store`` (SQLite by default, PostgreSQL in production), ``rounds`` (the challenge engine),
+``scoring`` (:class:`~byteleap.core.scoring.ScoringParams` as it is), ``weights``, ``policy``
+(admission and flood limits for miner connections), ``retention`` and ``logging``.
+
+Cross-field rules are checked here so a bad combination fails at start-up with the keys named,
+not in the middle of a round: the row sample must fit the smallest matrix, the largest reveal must
+fit a wire frame, and scoring must count rounds at the interval they really run.
+
+The store URL of a PostgreSQL database usually holds a password. It never has a default, and it
+can live outside the config: a systemd credential named ``store-url`` (``LoadCredential=``) or
+``store.url_file`` (a 0600 file); :meth:`StoreSettings.resolve_url` reads it. Error messages about
+the URL never repeat it.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Annotated, Final
+
+import msgspec
+from msgspec import Meta
+
+from ..chain.config import ChainConfig
+from ..core import wire
+from ..core.challenge.spec import MAX_SAMPLE_COLUMNS, MAX_SAMPLE_ROWS, Precision
+from ..core.config import (
+    ConfigStruct,
+    LoggingConfig,
+    NonNegativeSeconds,
+    Port,
+    PositiveSeconds,
+)
+from ..core.credentials import CredentialError, credential_path
+from ..core.files import PrivateFileError, read_private_file
+from ..core.scoring import ScoringParams
+
+__all__ = [
+    "DEFAULT_CONFIG_PATH",
+    "ENV_PREFIX",
+    "STORE_URL_CREDENTIAL",
+    "MinerListen",
+    "MinerPolicy",
+    "Retention",
+    "RoundSettings",
+    "StoreSettings",
+    "StoreUrlError",
+    "ValidatorConfig",
+    "WeightsSettings",
+]
+
+DEFAULT_CONFIG_PATH: Final = "/etc/byteleap/validator.yaml"
+ENV_PREFIX: Final = "BYTELEAP_VALIDATOR"
+STORE_URL_CREDENTIAL: Final = "store-url"
+"""systemd credential name (``LoadCredential=store-url:/path``) holding the store URL."""
+
+_STORE_SCHEMES: Final = ("sqlite://", "postgresql://", "postgres://")
+_MAX_STORE_URL_BYTES: Final = 4096
+
+MatrixSize = Annotated[int, Meta(ge=wire.MIN_N, le=wire.MAX_N, multiple_of=wire.N_MULTIPLE)]
+
+
+class StoreUrlError(Exception):
+    """The store URL (or the file holding it) is unusable; the message never shows the URL."""
+
+
+def _check_store_url(url: str, where: str) -> None:
+    if not url.startswith(_STORE_SCHEMES):
+        # The URL may carry a password: name the accepted schemes, never the value.
+        raise ValueError(
+            f"{where} must start with sqlite:// or postgresql:// (value not shown: it may hold "
+            "a password)"
+        )
+
+
+class MinerListen(ConfigStruct, frozen=True, kw_only=True):
+    """The WebSocket route miners dial, and what to publish on chain so they find it."""
+
+    host: str = "0.0.0.0"  # noqa: S104 - miners on other hosts must reach it; auth is mandatory
+    port: Port = 7800
+    path: str = "/v1/miner"
+    public_ip: str | None = None
+    """IP published on chain (ServeAxon); unset: the agent does not publish an endpoint."""
+    public_port: Port | None = None
+    """Port published on chain; unset: ``port``."""
+
+    def __post_init__(self) -> None:
+        if not self.path.startswith("/") or any(c.isspace() for c in self.path):
+            raise ValueError(f"path must start with '/' and hold no spaces, got {self.path!r}")
+        if self.public_ip is not None:
+            try:
+                address = ipaddress.ip_address(self.public_ip)
+            except ValueError:
+                raise ValueError(f"public_ip {self.public_ip!r} is not an IP address") from None
+            if address.is_unspecified or address.is_multicast:
+                raise ValueError(f"public_ip {self.public_ip} cannot be dialed by miners")
+
+    @property
+    def published_port(self) -> int:
+        return self.public_port if self.public_port is not None else self.port
+
+
+class StoreSettings(ConfigStruct, frozen=True, kw_only=True):
+    url: str = "sqlite:////var/lib/byteleap/validator/validator.db"
+    """``sqlite:///path`` or ``postgresql://user@host/db``; put a password in ``url_file``."""
+    url_file: str | None = None
+    """A 0600 file holding the whole URL (wins over ``url``)."""
+
+    def __post_init__(self) -> None:
+        _check_store_url(self.url, "url")
+
+    def resolve_url(self, environ: Mapping[str, str] | None = None) -> str:
+        """The URL to open: the ``store-url`` systemd credential, else ``url_file``, else ``url``.
+
+        Raises :class:`StoreUrlError` for a missing, unsafe (group/other readable) or malformed
+        file; the message names the file, never its content.
+        """
+        env = os.environ if environ is None else environ
+        directory = env.get("CREDENTIALS_DIRECTORY")
+        has_credential = bool(directory) and (Path(str(directory)) / STORE_URL_CREDENTIAL).exists()
+        if not has_credential and self.url_file is None:
+            return self.url
+        try:
+            path = credential_path(STORE_URL_CREDENTIAL, self.url_file, env)
+            raw = read_private_file(path, _MAX_STORE_URL_BYTES, what="store URL file")
+        except (CredentialError, PrivateFileError) as exc:
+            raise StoreUrlError(str(exc)) from None
+        try:
+            url = raw.decode("utf-8").strip()
+        except UnicodeDecodeError:
+            raise StoreUrlError(f"store URL file {path} is not UTF-8 text") from None
+        if not url or any(c.isspace() for c in url):
+            raise StoreUrlError(f"store URL file {path} must hold exactly one URL on one line")
+        try:
+            _check_store_url(url, f"the URL in {path}")
+        except ValueError as exc:
+            raise StoreUrlError(str(exc)) from None
+        return url
+
+
+class RoundSettings(ConfigStruct, frozen=True, kw_only=True):
+    """The challenge rounds (docs/miner-validator.md, docs/challenge.md)."""
+
+    interval_s: PositiveSeconds = 240.0
+    """A round starts this long after the previous one started (never while it still runs)."""
+    cpu_n: MatrixSize = 2048
+    """Matrix size for workers without GPUs (their CPU prover ``cpu-0``, always fp32)."""
+    gpu_max_n: MatrixSize = 32768
+    """Largest GPU matrix; each GPU gets the largest n its memory holds comfortably, up to this."""
+    precision: Precision = "fp32"
+    """Input precision of GPU challenges (the product always accumulates in fp32)."""
+    sample_rows: Annotated[int, Meta(ge=1, le=MAX_SAMPLE_ROWS)] = 16
+    """k: rows revealed per device; a device skipping a fraction f of the work passes ~f^k."""
+    sample_cols: Annotated[int, Meta(ge=1, le=MAX_SAMPLE_COLUMNS)] = 8
+    """m: entries recomputed per revealed row (secret: the prover reveals whole rows)."""
+    commit_deadline_s: Annotated[float, Meta(gt=0, le=3600)] = 120.0
+    """Dispatch to commit, per device (sent to the worker as its deadline)."""
+    reveal_deadline_s: PositiveSeconds = 30.0
+    echo_timeout_s: PositiveSeconds = 5.0
+    max_concurrent_verifications: Annotated[int, Meta(ge=1, le=256)] = 4
+    """Reveals verified at once (each in a thread, off the event loop)."""
+
+    def __post_init__(self) -> None:
+        smallest = min(self.cpu_n, self.gpu_max_n)
+        if self.sample_rows > smallest:
+            raise ValueError(
+                f"sample_rows ({self.sample_rows}) must not exceed the smallest matrix size "
+                f"({smallest})"
+            )
+        if self.sample_cols > smallest:
+            raise ValueError(
+                f"sample_cols ({self.sample_cols}) must not exceed the smallest matrix size "
+                f"({smallest})"
+            )
+        largest = max(self.cpu_n, self.gpu_max_n)
+        limit = wire.max_frame_bytes(wire.Link.MINER_VALIDATOR, wire.Direction.UP)
+        if wire.reveal_frame_bound(largest, self.sample_rows) > limit:
+            raise ValueError(
+                f"a reveal of {self.sample_rows} rows at n={largest} would not fit the "
+                f"{limit}-byte frame limit; lower sample_rows or gpu_max_n"
+            )
+
+
+class WeightsSettings(ConfigStruct, frozen=True, kw_only=True):
+    interval_s: NonNegativeSeconds = 1200.0
+    """Time between scoring cycles (each ends in a weights submission when the chain allows)."""
+    version_key: Annotated[int, Meta(ge=0, le=2**63 - 1)] = 0  # msgspec bounds are int64
+    """The subnet's weights version (``weights_version`` hyperparameter)."""
+
+
+class MinerPolicy(ConfigStruct, frozen=True, kw_only=True):
+    """Admission and flood limits for miner connections."""
+
+    handshake_timeout_s: PositiveSeconds = 10.0
+    """Upgrade to MinerHello, all steps together."""
+    max_connections: Annotated[int, Meta(ge=1, le=100_000)] = 512
+    """Open connections at once (a subnet has at most 256 uids; reconnects overlap briefly)."""
+    messages_per_second: Annotated[float, Meta(gt=0)] = 10.0
+    """Sustained rate of frames that answer nothing the validator asked for (rosters, pings)."""
+    message_burst: Annotated[int, Meta(ge=1)] = 100
+    heartbeat_s: PositiveSeconds = 30.0
+    """WebSocket ping interval; a connection that stops answering is closed."""
+    btauth_max_age_s: PositiveSeconds = 10.0
+    btauth_allowed_skew_s: NonNegativeSeconds = 2.0
+
+
+class Retention(ConfigStruct, frozen=True, kw_only=True):
+    challenges_days: Annotated[float, Meta(gt=0)] = 7.0
+    """Terminal challenges older than this are deleted (history and bitmaps are kept)."""
+    cycles: Annotated[int, Meta(ge=1)] = 1000
+    """Scoring cycles kept (``byteleapctl scores`` explains any of them)."""
+
+
+class ValidatorConfig(ConfigStruct, frozen=True, kw_only=True):
+    state_dir: str = "/var/lib/byteleap/validator"
+    listen: MinerListen = msgspec.field(default_factory=MinerListen)
+    chain: ChainConfig = msgspec.field(default_factory=ChainConfig)
+    store: StoreSettings = msgspec.field(default_factory=StoreSettings)
+    rounds: RoundSettings = msgspec.field(default_factory=RoundSettings)
+    scoring: ScoringParams = msgspec.field(default_factory=ScoringParams)
+    weights: WeightsSettings = msgspec.field(default_factory=WeightsSettings)
+    policy: MinerPolicy = msgspec.field(default_factory=MinerPolicy)
+    retention: Retention = msgspec.field(default_factory=Retention)
+    logging: LoggingConfig = msgspec.field(default_factory=LoggingConfig)
+
+    def __post_init__(self) -> None:
+        # Participation counts verified rounds against window / interval: both must agree.
+        if abs(self.scoring.challenge_interval_seconds - self.rounds.interval_s) > 1e-9:
+            raise ValueError(
+                f"scoring.challenge_interval_seconds ({self.scoring.challenge_interval_seconds:g})"
+                f" must equal rounds.interval_s ({self.rounds.interval_s:g}): participation is "
+                "counted in rounds"
+            )
