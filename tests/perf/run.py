@@ -1,4 +1,5 @@
-"""Benchmarks of the proof of compute and the Merkle tree; ``make bench`` writes build/bench.json.
+"""Benchmarks of the proof of compute, the Merkle tree and the validator's scoring cycle (store +
+scoring, bench_scoring_cycle.py); ``make bench`` writes build/bench.json.
 
 Figures are ratios within one run on one machine (prover vs bare numpy.matmul of the same n), never
 timed assertions in tests. Usage: ``python -m tests.perf.run [--out FILE] [--quick]``.
@@ -24,6 +25,8 @@ import numpy as np
 from byteleap.core import merkle
 from byteleap.core.challenge import ChallengeSpec, draw_sample, prf, prove, verify
 from byteleap.core.challenge.prover import cpu_threads
+
+from .bench_scoring_cycle import bench_scoring_cycle
 
 
 def _spec(n: int, tag: str) -> ChallengeSpec:
@@ -129,7 +132,8 @@ def bench_verifier(sizes: list[int], k: int, m: int, repeats: int) -> list[dict[
             ),
             repeats,
         )
-        out.append({"n": n, "k": k, "m": m, "verify_s": t})
+        # one thread verifies one proof at a time: proofs/s per core is the reciprocal
+        out.append({"n": n, "k": k, "m": m, "verify_s": t, "proofs_per_s_per_core": 1.0 / t})
         print(f"verifier n={n} k={k} m={m}: {t * 1e3:.2f} ms", file=sys.stderr)
     return out
 
@@ -177,10 +181,15 @@ def run(quick: bool = False) -> dict[str, Any]:
             [256, 2048] if quick else [2048, 32768], 16, 8, 3 if quick else 20
         ),
         "merkle": bench_merkle(512 if quick else 4096, repeats),
+        "scoring_cycle": (
+            bench_scoring_cycle(4, 5, repeats=1, finishes=10) if quick else bench_scoring_cycle()
+        ),
         "targets": {
             "prover_overhead_at_4096": 0.25,
             "verify_s_at_2048": 0.005,
             "verify_s_at_32768": 0.020,
+            "scoring_cycle_s": 2.0,
+            "scoring_cycle_peak_rss_mib": 300,
         },
     }
 

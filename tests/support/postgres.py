@@ -22,6 +22,8 @@ import psycopg
 import pytest
 from psycopg import sql
 
+from byteleap.validator.store import redact_url
+
 PG_URL_ENV = "BYTELEAP_TEST_PG_URL"
 DEFAULT_PG_URL = "postgresql://postgres@127.0.0.1:5432/test"
 REQUIRE_ENV = "BYTELEAP_REQUIRE_SYSTEM_TESTS"
@@ -40,7 +42,7 @@ def unreachable_reason(url: str) -> str | None:
             conn.execute("SELECT 1")
     except psycopg.Error as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        return f"PostgreSQL at {url} is not reachable ({first}); set {PG_URL_ENV}"
+        return f"PostgreSQL at {redact_url(url)} is not reachable ({first}); set {PG_URL_ENV}"
     return None
 
 

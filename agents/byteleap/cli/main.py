@@ -9,6 +9,7 @@ import typer
 
 from .. import __version__
 from .challenge import app as challenge_app
+from .db import app as db_app
 from .devnet import app as devnet_app
 from .scores import app as scores_app
 
@@ -19,6 +20,7 @@ app = typer.Typer(
     add_completion=False,
 )
 app.add_typer(challenge_app, name="challenge")
+app.add_typer(db_app, name="db")
 app.add_typer(devnet_app, name="devnet")
 app.add_typer(scores_app, name="scores")
 

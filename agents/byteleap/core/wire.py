@@ -67,6 +67,7 @@ from .challenge import spec as _challenge
 from .challenge.spec import ChallengeSpec, Precision
 
 __all__ = [
+    "CPU_DEVICE",
     "MAX_BATCH_DEVICES",
     "MAX_DEVICES_PER_WORKER",
     "MAX_ERROR_MESSAGE",
@@ -168,6 +169,9 @@ MAX_N: Final = _challenge.MAX_N
 N_MULTIPLE: Final = _challenge.N_MULTIPLE
 MAX_REVEAL_ROWS: Final = _challenge.MAX_SAMPLE_ROWS
 MAX_MERKLE_DEPTH: Final = 32  # a tree of MAX_N leaves needs 16; leaves headroom, still bounded
+CPU_DEVICE: Final = "cpu-0"
+"""The device name of every worker's CPU prover. Not unique across the network (unlike GPU
+UUIDs), so it never takes part in the validator's first-claim-wins device check."""
 MAX_WORKERS_PER_MINER: Final = 100
 MAX_DEVICES_PER_WORKER: Final = 32
 MAX_BATCH_DEVICES: Final = MAX_WORKERS_PER_MINER * MAX_DEVICES_PER_WORKER

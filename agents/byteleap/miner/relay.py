@@ -58,7 +58,7 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-CPU_DEVICE_UUID = "cpu-0"
+CPU_DEVICE_UUID = wire.CPU_DEVICE
 """The worker's CPU prover. The inventory lists GPUs only; every worker can compute on its CPU."""
 
 DEFAULT_ECHO_TIMEOUT_S = 5.0

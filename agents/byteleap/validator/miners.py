@@ -114,7 +114,8 @@ class BatchResult:
 
     ``answers`` has every challenge id of the batch: its commit or failure, or None when none
     came before the deadline or the miner went away. ``received_at[cid]`` is when that answer was
-    read; ``dispatched_at`` is when the batch was handed to the socket.
+    read; ``dispatched_at`` is just before the batch was written to the socket (the echo's
+    round trip is timed the same way, so the two subtract cleanly).
     """
 
     dispatched_at: float
@@ -269,7 +270,7 @@ class MinerSession:
         ``deadline`` (event-loop time, ``loop.time()``) or until the miner goes away."""
         expected = {c.challenge_id: (c.worker_id, c.device_uuid) for c in batch.challenges}
         wait = _Wait(expected, (wire.DeviceCommit, wire.DeviceFailure))
-        dispatched_at, _ = await self._exchange(batch, wait, deadline)
+        dispatched_at = await self._exchange(batch, wait, deadline)
         answers: dict[bytes, BatchAnswer | None] = {}
         for cid in expected:
             msg = wait.answers.get(cid)
@@ -301,7 +302,8 @@ class MinerSession:
 
     async def _exchange(
         self, batch: wire.ChallengeBatch | wire.RevealBatch, wait: _Wait, deadline: float
-    ) -> tuple[float, _Wait]:
+    ) -> float:
+        """Send ``batch`` and wait for ``wait`` to fill up; returns the dispatch time."""
         clash = [cid for cid in wait.expected if cid in self._waits]
         if clash:  # a caller bug: two batches would share an answer
             raise ValueError(f"challenge {clash[0].hex()} is already waiting for an answer")
@@ -326,7 +328,7 @@ class MinerSession:
             for cid in wait.expected:
                 if self._waits.get(cid) is wait:
                     del self._waits[cid]
-        return dispatched_at, wait
+        return dispatched_at
 
     def _new_id(self) -> int:
         while True:

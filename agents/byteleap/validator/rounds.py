@@ -86,7 +86,7 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-CPU_DEVICE: Final = "cpu-0"
+CPU_DEVICE = wire.CPU_DEVICE
 """Every worker's CPU prover (worker/agent.py build_devices); not a network-unique uuid."""
 GPU_MEMORY_SHARE: Final = 0.5
 """A GPU challenge's three n x n fp32 matrices use at most this share of the GPU's memory."""

@@ -48,7 +48,7 @@ __all__ = ["CPU_DEVICE", "EXIT_CONFIG", "build_devices", "main"]
 log = logging.getLogger(__name__)
 
 AGENT = "byteleap-worker"
-CPU_DEVICE = "cpu-0"
+CPU_DEVICE = wire.CPU_DEVICE
 EXIT_CONFIG = 2
 SECRET_CREDENTIAL = "enrollment-secret"  # noqa: S105 - a credential name, not a secret
 KEY_FILE = "worker.key"
