@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import os
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Annotated
 
 import msgspec
@@ -12,15 +10,12 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from ..core.credentials import CredentialError, read_secret
 from ..validator.store import CycleRecord, StoreError, open_store
+from .db import UrlFileOption, UrlOption, resolve_store_url
 
 __all__ = ["app", "miner_table", "render_cycle", "worker_table"]
 
 app = typer.Typer(help="Explain the validator's scores and weights.", no_args_is_help=False)
-
-URL_ENV = "BYTELEAP_VALIDATOR__STORE__URL"
-DEFAULT_URL = "sqlite:////var/lib/byteleap/validator/validator.db"
 
 
 def _short(text: str, keep: int = 10) -> str:
@@ -115,27 +110,10 @@ def render_cycle(
         console.print(line)
 
 
-def resolve_url(url: str | None, url_file: Path | None) -> str:
-    """``--url``, else the validator's environment override, else a credential file, else the
-    packaged default."""
-    if url:
-        return url
-    if env := os.environ.get(URL_ENV):
-        return env
-    if url_file is not None:
-        try:
-            return read_secret("store-url", str(url_file)).decode().strip()
-        except CredentialError as exc:
-            raise typer.BadParameter(str(exc), param_hint="--url-file") from None
-    return DEFAULT_URL
-
-
 @app.callback(invoke_without_command=True)
 def scores(
-    url: Annotated[
-        str | None, typer.Option(help="store URL (sqlite:///... or postgresql://...)")
-    ] = None,
-    url_file: Annotated[Path | None, typer.Option(help="file holding the store URL")] = None,
+    url: UrlOption = None,
+    url_file: UrlFileOption = None,
     miner: Annotated[str | None, typer.Option(help="only this miner's workers (hotkey)")] = None,
     cycle_id: Annotated[int | None, typer.Option("--cycle", help="a past cycle id")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="the full record as JSON")] = False,
@@ -143,7 +121,7 @@ def scores(
     """Show the latest scoring cycle (or --cycle N): every factor of every worker and miner."""
     console = Console()
     try:
-        store = open_store(resolve_url(url, url_file))
+        store = open_store(resolve_store_url(url, url_file))
     except StoreError as exc:
         console.print(f"[red]cannot open the store:[/red] {exc}")
         raise typer.Exit(1) from None

@@ -244,17 +244,22 @@ class Store(Protocol):
         ...
 
     def mark_present(self, workers: Iterable[tuple[str, str]], now: float) -> None:
-        """Set the ``now`` bucket in these (miner, worker) availability bitmaps (idempotent)."""
+        """Set the ``now`` bucket in these (miner, worker) availability bitmaps (idempotent).
+
+        Pairs that no roster listed are ignored. New bitmaps take the geometry of the
+        ``params`` the store was opened with (:func:`open_store`)."""
         ...
 
     # ---- challenges ------------------------------------------------------------------------
 
     def issue(self, challenges: Sequence[IssuedChallenge]) -> None:
-        """Record challenges as ``issued`` (before dispatch). Re-issuing an id is an error."""
+        """Record challenges as ``issued`` (before dispatch). Re-issuing an id raises
+        :class:`StoreError`, except an identical challenge still ``issued`` (a retried call)."""
         ...
 
     def record_commit(self, challenge_id: bytes, merkle_root: bytes, committed_at: float) -> None:
-        """``issued -> committed``; a no-op if the challenge is already past ``issued``."""
+        """``issued -> committed``; a no-op if the challenge is already past ``issued``.
+        An unknown id raises :class:`StoreError`."""
         ...
 
     def finish(self, outcome: WorkerRoundOutcome) -> bool:
@@ -281,7 +286,8 @@ class Store(Protocol):
     def record_cycle(
         self, result: NetworkScore, *, block: int | None, uids: Mapping[str, int]
     ) -> int:
-        """Store a scoring cycle with every factor; returns its id."""
+        """Store a scoring cycle with every factor; returns its id. Retrying with the same
+        result returns the same id; another result for the same ``result.now`` is an error."""
         ...
 
     def record_weights(self, cycle_id: int, record: WeightsRecord) -> None: ...
@@ -301,7 +307,9 @@ class Store(Protocol):
     ) -> int:
         """Delete terminal challenges older than ``keep_challenges_s``, all but the newest
         ``keep_cycles`` cycles, history entries older than ``history_window_s`` and workers not
-        seen for longer than the availability window; returns the number of rows deleted."""
+        seen for longer than the availability window; returns the number of challenges,
+        cycles, history entries, workers and miners deleted. The cycle holding the last
+        submitted weights is kept whatever its age."""
         ...
 
 

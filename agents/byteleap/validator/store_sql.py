@@ -27,9 +27,11 @@ restarted empty (different bucket length), so a changed window never breaks scor
 Cycles
 ------
 A scoring cycle is stored as ``zlib(msgpack(NetworkScore))`` in one row, with a few typed columns
-for listings. Measured for 25 600 workers: encoding and inserting the blob takes tens of
-milliseconds and ~1 MiB, typed rows per worker several times that (see the report of
-``tests/perf/bench_scoring_cycle.py``); ``cycle()`` decodes back an equal :class:`NetworkScore`.
+for listings; ``cycle()`` decodes back an equal :class:`NetworkScore`. Measured for 25 600 workers:
+9.6 MiB of msgpack compress to 1.1 MiB (level 1; level 6 saves 10 % more), encode + compress
+~60 ms, decode ~40 ms. One typed row per worker instead took 6.4 MiB (SQLite) to 9.1 MiB
+(PostgreSQL) per cycle and 80-300 ms to insert, for queries nobody needs: ``byteleapctl scores``
+explains one cycle at a time.
 
 Device claims
 -------------
