@@ -5,7 +5,9 @@ Every secure session (see :mod:`byteleap.core.session`) is authenticated by a lo
 * a worker owns an Ed25519 key kept in its state directory (:class:`WorkerKey`); its ``worker_id``
   is derived from the public key alone, so it survives kernel upgrades and NIC swaps and cannot be
   claimed by anyone who does not hold the private key;
-* miners and validators sign with their sr25519 hotkey (:class:`HotkeySigner`).
+* miners and validators sign with their sr25519 hotkey (:class:`HotkeySigner`), which
+  :func:`load_hotkey` finds the same way for both: a dev URI, else the systemd credential
+  ``hotkey`` (packaged units), else the standard ``~/.bittensor/wallets`` layout.
 
 sr25519 comes from ``bittensor_core`` (the sp-core binding that ``bittensor.sp_core`` re-exports).
 It is imported lazily: it costs ~8 ms against ~600 ms (and side effects in the home directory) for
@@ -37,6 +39,8 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import (
 from byteleap.core.files import PrivateFileError, read_private_file, write_new_file
 
 __all__ = [
+    "DEFAULT_WALLET_PATH",
+    "HOTKEY_CREDENTIAL",
     "PUBLIC_KEY_BYTES",
     "SIGNATURE_BYTES",
     "SS58_FORMAT",
@@ -47,9 +51,12 @@ __all__ = [
     "IdentityError",
     "IdentityKind",
     "KeyFileError",
+    "LoadedHotkey",
     "PeerIdentity",
     "Signer",
     "WorkerKey",
+    "load_hotkey",
+    "wallet_hotkey_path",
     "worker_id_of",
 ]
 
@@ -316,16 +323,34 @@ class HotkeySigner:
         The hotkey must be unencrypted, which is bittensor's default: the daemon signs
         unattended. Encrypted coldkeys are never needed by byteleap.
         """
-        key_path = Path(path).expanduser() / name / "hotkeys" / hotkey
+        key_path = wallet_hotkey_path(name, hotkey, path)
+        return cls.from_keyfile(
+            key_path,
+            missing_hint=f"wallet {name!r}, hotkey {hotkey!r}; "
+            "create it with `btcli wallet new_hotkey`",
+        )
+
+    @classmethod
+    def from_keyfile(
+        cls, key_path: str | os.PathLike[str], *, missing_hint: str = ""
+    ) -> HotkeySigner:
+        """Load one bittensor hotkey keyfile (unencrypted JSON, as btcli writes it).
+
+        ``missing_hint`` is added to the "not found" error, to tell the operator what to do.
+        """
+        key_path = Path(key_path)
         try:
-            data = key_path.read_bytes()
+            with key_path.open("rb") as keyfile:
+                data = keyfile.read(_MAX_KEY_FILE_BYTES + 1)
         except FileNotFoundError as exc:
-            raise KeyFileError(
-                f"hotkey file {key_path} not found (wallet {name!r}, hotkey {hotkey!r}; "
-                f"create it with `btcli wallet new_hotkey`)"
-            ) from exc
+            hint = f" ({missing_hint})" if missing_hint else ""
+            raise KeyFileError(f"hotkey file {key_path} not found{hint}") from exc
         except OSError as exc:
             raise KeyFileError(f"cannot read hotkey file {key_path}: {exc.strerror}") from exc
+        if len(data) > _MAX_KEY_FILE_BYTES:
+            raise KeyFileError(
+                f"hotkey file {key_path} is larger than {_MAX_KEY_FILE_BYTES} bytes: not a keyfile"
+            )
         sp_core = _sp_core()
         try:
             encrypted = bool(sp_core.keyfile_data_is_encrypted(data))
@@ -353,6 +378,16 @@ class HotkeySigner:
     def ss58_address(self) -> str:
         return self._identity.display
 
+    # public_key and crypto_type make a HotkeySigner a ``bittensor.Signer`` too, so the chain
+    # adapter signs extrinsics with it without the keypair ever leaving this object.
+    @property
+    def public_key(self) -> bytes:
+        return self._identity.public_key
+
+    @property
+    def crypto_type(self) -> int:
+        return _SR25519
+
     def sign(self, message: bytes) -> bytes:
         return bytes(self._keypair.sign(message))
 
@@ -369,6 +404,75 @@ class HotkeySigner:
         return http_auth.sign(
             self._keypair, method=method, path=path, body=body, receiver_ss58=receiver_ss58
         )
+
+
+DEFAULT_WALLET_PATH = "~/.bittensor/wallets"
+HOTKEY_CREDENTIAL = "hotkey"
+"""systemd credential name of the hotkey keyfile (``LoadCredential=hotkey:/path/to/keyfile``)."""
+
+
+def wallet_hotkey_path(
+    name: str, hotkey: str = "default", path: str | os.PathLike[str] = DEFAULT_WALLET_PATH
+) -> Path:
+    """``<path>/<name>/hotkeys/<hotkey>``: where bittensor wallets keep a hotkey.
+
+    Names are single path components, so a wallet or hotkey name cannot point elsewhere.
+    """
+    for what, value in (("wallet name", name), ("hotkey name", hotkey)):
+        if not value or value in (".", "..") or "/" in value or "\x00" in value:
+            raise KeyFileError(f"{what} {value!r} is not a plain file name")
+    return Path(path).expanduser() / name / "hotkeys" / hotkey
+
+
+@dataclass(frozen=True, slots=True)
+class LoadedHotkey:
+    """A hotkey and where it came from (for the journal and ``byteleapctl keys``)."""
+
+    signer: HotkeySigner
+    source: str
+    """``dev URI``, ``systemd credential`` or ``wallet``."""
+    location: str
+    """The URI or the keyfile's path."""
+
+    def describe(self) -> str:
+        return f"{self.source} {self.location}"
+
+
+def load_hotkey(
+    *,
+    uri: str | None = None,
+    wallet_name: str = "default",
+    wallet_hotkey: str = "default",
+    wallet_path: str | os.PathLike[str] = DEFAULT_WALLET_PATH,
+    credential: str = HOTKEY_CREDENTIAL,
+    environ: Mapping[str, str] | None = None,
+) -> LoadedHotkey:
+    """The hotkey a miner or validator signs with, from the first source that applies:
+
+    1. ``uri``: a dev URI such as ``//Alice`` (devnets and tests);
+    2. the systemd credential ``credential`` (``$CREDENTIALS_DIRECTORY/hotkey``, which packaged
+       units fill with ``LoadCredential=hotkey:/path/to/keyfile``): a bittensor hotkey keyfile;
+    3. the wallet layout ``<wallet_path>/<wallet_name>/hotkeys/<wallet_hotkey>``.
+
+    Raises :class:`KeyFileError` naming the file for a missing, encrypted, oversized or
+    malformed keyfile, :class:`IdentityError` for a bad URI. Key material is never in a message.
+    """
+    if uri:
+        return LoadedHotkey(HotkeySigner.from_uri(uri), "dev URI", uri)
+    env = os.environ if environ is None else environ
+    directory = env.get("CREDENTIALS_DIRECTORY")
+    if directory:
+        candidate = Path(directory) / credential
+        if candidate.exists() or candidate.is_symlink():
+            signer = HotkeySigner.from_keyfile(candidate)
+            return LoadedHotkey(signer, "systemd credential", str(candidate))
+    key_path = wallet_hotkey_path(wallet_name, wallet_hotkey, wallet_path)
+    hint = (
+        f"wallet {wallet_name!r}, hotkey {wallet_hotkey!r}; create it with `btcli wallet "
+        f"new_hotkey`, or give the service the keyfile as the systemd credential {credential!r}"
+    )
+    signer = HotkeySigner.from_keyfile(key_path, missing_hint=hint)
+    return LoadedHotkey(signer, "wallet", str(key_path))
 
 
 class BtAuthError(IdentityError):

@@ -2,11 +2,12 @@
 
 Start-up validates everything before it serves: configuration (``--config``, env prefix
 ``BYTELEAP_MINER``), the enrollment secret (systemd credential ``enrollment-secret`` or
-``policy.enrollment_secret_file``), the hotkey, TLS material, the ``chain:`` section, and the
-miner's registration on ``chain.netuid``. Any of those failing is exit code 2 with one line on
-stderr: a miner that the chain says is not registered cannot earn, so it says so and stops. A
-chain that cannot be reached is not fatal: the miner serves its workers and keeps retrying (the
-validator links start as soon as a snapshot arrives).
+``policy.enrollment_secret_file``), the hotkey (``--hotkey-uri``, else the systemd credential
+``hotkey``, else the wallet: :func:`~byteleap.core.identity.load_hotkey`), TLS material, the
+``chain:`` section, and the miner's registration on ``chain.netuid``. Any of those failing is
+exit code 2 with one line on stderr: a miner that the chain says is not registered cannot earn,
+so it says so and stops. A chain that cannot be reached is not fatal: the miner serves its
+workers and keeps retrying (the validator links start as soon as a snapshot arrives).
 
 Then it opens the worker registry in ``state_dir`` (marking every worker offline: nobody is
 connected yet), listens for workers, opens the local control socket, starts the validator links
@@ -34,7 +35,7 @@ from ..chain.config import open_chain
 from ..chain.port import ChainError, ChainPort, ChainUnavailable
 from ..core.config import ConfigError, load_config
 from ..core.credentials import CredentialError, read_secret
-from ..core.identity import HotkeySigner, IdentityError
+from ..core.identity import DEFAULT_WALLET_PATH, HotkeySigner, IdentityError, load_hotkey
 from ..core.logs import log_fields, setup_logging
 from ..core.systemd import Notifier, install_signal_handlers, run_watchdog, watchdog_interval
 from .config import DEFAULT_CONFIG_PATH, ENV_PREFIX, MinerConfig
@@ -83,7 +84,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--wallet-name", default="default", help="bittensor wallet name")
     parser.add_argument("--wallet-hotkey", default="default", help="hotkey name in the wallet")
     parser.add_argument(
-        "--wallet-path", default="~/.bittensor/wallets", help="bittensor wallets directory"
+        "--wallet-path", default=DEFAULT_WALLET_PATH, help="bittensor wallets directory"
     )
     parser.add_argument(
         "--control-socket",
@@ -101,6 +102,8 @@ class Prepared:
     secret: bytes
     control_path: Path
     server_tls: ssl.SSLContext | None
+    hotkey_source: str = ""
+    """Where the hotkey came from (dev URI, systemd credential or wallet file), for the log."""
 
 
 def prepare(args: argparse.Namespace) -> Prepared:
@@ -114,12 +117,12 @@ def prepare(args: argparse.Namespace) -> Prepared:
     except CredentialError as exc:
         raise StartupError(f"enrollment secret: {exc}") from None
     try:
-        if args.hotkey_uri:
-            signer = HotkeySigner.from_uri(args.hotkey_uri)
-        else:
-            signer = HotkeySigner.from_wallet(
-                args.wallet_name, args.wallet_hotkey, args.wallet_path
-            )
+        hotkey = load_hotkey(
+            uri=args.hotkey_uri,
+            wallet_name=args.wallet_name,
+            wallet_hotkey=args.wallet_hotkey,
+            wallet_path=args.wallet_path,
+        )
     except IdentityError as exc:
         raise StartupError(f"hotkey: {exc}") from None
     try:
@@ -129,18 +132,21 @@ def prepare(args: argparse.Namespace) -> Prepared:
     control_path = (
         Path(args.control_socket) if args.control_socket else default_control_path(config.state_dir)
     )
-    return Prepared(config, signer, secret, control_path, server_tls)
+    return Prepared(
+        config, hotkey.signer, secret, control_path, server_tls, hotkey_source=hotkey.describe()
+    )
 
 
-async def open_miner_chain(config: MinerConfig, hotkey_ss58: str) -> ChainPort:
-    """The chain port, after checking that ``hotkey_ss58`` is registered on ``chain.netuid``.
+async def open_miner_chain(config: MinerConfig, signer: HotkeySigner) -> ChainPort:
+    """The chain port, after checking that ``signer``'s hotkey is registered on ``chain.netuid``.
 
     Raises StartupError when the chain section is unusable or the chain answers that the hotkey
     is not registered; an unreachable chain is only logged (the uplinks keep retrying).
     """
     netuid = config.chain.netuid
+    hotkey_ss58 = signer.ss58_address
     try:
-        chain = open_chain(config.chain, hotkey_ss58)
+        chain = open_chain(config.chain, signer)
     except (ChainError, ValueError) as exc:
         raise StartupError(f"chain: {exc}") from None
     try:
@@ -296,10 +302,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 async def _serve(prepared: Prepared) -> int:
     """Chain and registration check, registry, then :func:`run`."""
     try:
-        chain = await open_miner_chain(prepared.config, prepared.signer.ss58_address)
+        chain = await open_miner_chain(prepared.config, prepared.signer)
     except StartupError as exc:
         print(f"{PROG}: error: {exc}", file=sys.stderr)
         return EXIT_CONFIG
+    log.info("hotkey %s from %s", prepared.signer.ss58_address, prepared.hotkey_source)
     try:
         try:
             registry = open_registry(prepared.config)

@@ -2,15 +2,17 @@
 
 Start-up, in order (any problem in the first three is exit code 2 with one line on stderr):
 
-1. configuration (``--config``, env prefix ``BYTELEAP_VALIDATOR``), the hotkey (wallet, or a dev
-   URI for devnets and tests), the store URL (credential ``store-url``, ``store.url_file`` or
-   ``store.url``);
+1. configuration (``--config``, env prefix ``BYTELEAP_VALIDATOR``), the hotkey (a dev URI for
+   devnets and tests, else the systemd credential ``hotkey``, else the wallet:
+   :func:`~byteleap.core.identity.load_hotkey`), the store URL (credential ``store-url``,
+   ``store.url_file`` or ``store.url``);
 2. the store: opened and migrated to the schema this version needs (``byteleapctl db upgrade``
    does the same by hand); a database newer than the code is refused. A PostgreSQL that is down
    is waited for, not fatal;
 3. the chain: the first subnet snapshot is waited for (STATUS says so); a hotkey that is not
-   registered on the netuid is fatal, a missing validator permit only a warning (rounds still
-   run; the chain refuses the weights until the permit comes);
+   registered on the netuid is fatal; a missing validator permit is an error line in the journal
+   but not fatal (permits come with stake at epoch boundaries: rounds run, and the chain refuses
+   the weights until the permit comes);
 4. challenges a previous run left open are expired (not counted against anyone), the endpoint is
    published on chain when ``listen.public_ip`` is set, the miner endpoint listens, READY=1.
 
@@ -41,7 +43,7 @@ from ..chain.config import open_chain
 from ..chain.port import ChainError, ChainPort, ChainUnavailable, SubnetSnapshot
 from ..chain.snapshot import SnapshotCache
 from ..core.config import ConfigError, load_config
-from ..core.identity import HotkeySigner, IdentityError
+from ..core.identity import DEFAULT_WALLET_PATH, HotkeySigner, IdentityError, load_hotkey
 from ..core.logs import log_fields, setup_logging
 from ..core.systemd import Notifier, install_signal_handlers, run_watchdog, watchdog_interval
 from .config import DEFAULT_CONFIG_PATH, ENV_PREFIX, StoreUrlError, ValidatorConfig
@@ -82,7 +84,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--wallet-name", default="default", help="bittensor wallet name")
     parser.add_argument("--wallet-hotkey", default="default", help="hotkey name in the wallet")
     parser.add_argument(
-        "--wallet-path", default="~/.bittensor/wallets", help="bittensor wallets directory"
+        "--wallet-path", default=DEFAULT_WALLET_PATH, help="bittensor wallets directory"
     )
     parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
     return parser.parse_args(argv)
@@ -93,6 +95,8 @@ class Prepared:
     config: ValidatorConfig
     signer: HotkeySigner
     store_url: str
+    hotkey_source: str = ""
+    """Where the hotkey came from (dev URI, systemd credential or wallet file), for the log."""
 
 
 def prepare(args: argparse.Namespace) -> Prepared:
@@ -102,19 +106,19 @@ def prepare(args: argparse.Namespace) -> Prepared:
     except ConfigError as exc:
         raise StartupError(f"config: {exc}") from None
     try:
-        if args.hotkey_uri:
-            signer = HotkeySigner.from_uri(args.hotkey_uri)
-        else:
-            signer = HotkeySigner.from_wallet(
-                args.wallet_name, args.wallet_hotkey, args.wallet_path
-            )
+        hotkey = load_hotkey(
+            uri=args.hotkey_uri,
+            wallet_name=args.wallet_name,
+            wallet_hotkey=args.wallet_hotkey,
+            wallet_path=args.wallet_path,
+        )
     except IdentityError as exc:
         raise StartupError(f"hotkey: {exc}") from None
     try:
         url = config.store.resolve_url()
     except StoreUrlError as exc:
         raise StartupError(f"store: {exc}") from None
-    return Prepared(config, signer, url)
+    return Prepared(config, hotkey.signer, url, hotkey_source=hotkey.describe())
 
 
 class Validator:
@@ -124,6 +128,7 @@ class Validator:
         config = prepared.config
         self.config = config
         self.signer = prepared.signer
+        self.hotkey_source = prepared.hotkey_source
         self.netuid = config.chain.netuid
         self.notifier = Notifier()
         self.db = AsyncStore(store)
@@ -192,9 +197,10 @@ class Validator:
                 "register it (btcli subnet register) before starting the validator"
             )
         if not me.validator_permit:
-            log.warning(
-                "hotkey %s (uid %d) has no validator permit on netuid %d: rounds run, but the "
-                "chain will refuse the weights until it has one",
+            log.error(
+                "hotkey %s (uid %d) lacks a validator permit on netuid %d: the chain refuses "
+                "its weights until it has one. Permits go to the top stakers at epoch "
+                "boundaries: add stake to this hotkey (btcli stake add). Rounds keep running.",
                 self.signer.ss58_address,
                 me.uid,
                 self.netuid,
@@ -308,8 +314,8 @@ async def run(prepared: Prepared) -> int:
         print(f"{PROG}: error: store {redact_url(prepared.store_url)}: {exc}", file=sys.stderr)
         return EXIT_CONFIG
     try:
-        chain = open_chain(config.chain, prepared.signer.ss58_address)
-    except ChainError as exc:
+        chain = open_chain(config.chain, prepared.signer)
+    except (ChainError, ValueError) as exc:
         store.close()
         print(f"{PROG}: error: chain: {exc}", file=sys.stderr)
         return EXIT_CONFIG
@@ -396,6 +402,7 @@ async def _start(v: Validator) -> None:
         log.info("store migrated to schema %d", applied[-1])
     snapshot = await v.wait_for_snapshot()
     v.check_identity(snapshot)
+    log.info("hotkey %s from %s", v.signer.ss58_address, v.hotkey_source)
     await v.engine.recover()
     await v.publish_endpoint(snapshot)
     await v.hub.start()

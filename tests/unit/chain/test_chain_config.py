@@ -9,8 +9,8 @@ import pytest
 
 from byteleap.chain.config import ChainConfig, open_chain
 from byteleap.chain.devnet import DevnetChain
-from byteleap.chain.port import ChainRejected
 from byteleap.core.config import ConfigError, ConfigStruct, load_config
+from byteleap.core.identity import HotkeySigner
 from tests.contract.chain_contract import dev_hotkey
 
 ALICE = dev_hotkey("//Alice")
@@ -33,7 +33,11 @@ def test_defaults_are_mainnet_subnet_128() -> None:
 
     assert (config.network, config.netuid, config.devnet_path) == ("finney", 128, None)
     assert config.fallback_endpoints == []
-    assert (config.timeout_s, config.snapshot_refresh_s) == (12.0, 60.0)
+    assert (config.timeout_s, config.write_timeout_s, config.snapshot_refresh_s) == (
+        12.0,
+        60.0,
+        60.0,
+    )
 
 
 @pytest.mark.parametrize(
@@ -78,7 +82,9 @@ async def test_devnet_opens_a_devnet_chain_acting_as_the_hotkey(tmp_path: Path) 
     path = tmp_path / "chain.sqlite"
     DevnetChain.create(path).register(128, ALICE)
 
-    port = open_chain(ChainConfig(network="devnet", devnet_path=str(path)), ALICE)
+    port = open_chain(
+        ChainConfig(network="devnet", devnet_path=str(path)), HotkeySigner.from_uri("//Alice")
+    )
 
     assert isinstance(port, DevnetChain)
     assert port.hotkey == ALICE
@@ -86,8 +92,34 @@ async def test_devnet_opens_a_devnet_chain_acting_as_the_hotkey(tmp_path: Path) 
     await port.close()
 
 
-@pytest.mark.parametrize("network", ["finney", "test", "local", "ws://127.0.0.1:9944"])
-def test_other_networks_need_the_bittensor_adapter(network: str) -> None:
-    with pytest.raises(ChainRejected, match=r"bittensor adapter \(chain/bittensor.py\)") as caught:
-        open_chain(ChainConfig(network=network), ALICE)
-    assert caught.value.code == "UNSUPPORTED"
+@pytest.mark.parametrize(
+    ("network", "endpoint"),
+    [
+        ("finney", "wss://entrypoint-finney.opentensor.ai:443"),
+        ("test", "wss://test.finney.opentensor.ai:443"),
+        ("ws://127.0.0.1:9944", "ws://127.0.0.1:9944"),
+    ],
+)
+async def test_other_networks_open_the_bittensor_adapter_without_io(
+    network: str, endpoint: str
+) -> None:
+    from byteleap.chain.bittensor import BittensorChain
+
+    signer = HotkeySigner.from_uri("//Alice")
+    port = open_chain(ChainConfig(network=network, timeout_s=3, write_timeout_s=30), signer)
+
+    assert isinstance(port, BittensorChain)
+    assert (port.network, port.endpoint, port.hotkey) == (network, endpoint, ALICE)
+    await port.close()
+
+
+async def test_without_a_signer_the_port_is_read_only() -> None:
+    from byteleap.chain.bittensor import BittensorChain
+    from byteleap.chain.port import ChainRejected
+
+    port = open_chain(ChainConfig(network="test"), None)
+
+    assert isinstance(port, BittensorChain) and port.hotkey is None
+    with pytest.raises(ChainRejected, match="read-only"):
+        await port.set_weights(128, {0: 1.0})
+    await port.close()

@@ -109,6 +109,8 @@ def test_cap_is_respected_when_it_can_be(weights: dict[int, float], limit: int) 
     share = limit / U16
     if len(weights) * share <= 1:
         return  # no distribution over these uids meets the cap: bittensor goes uniform
+    if sum(1 for w in weights.values() if w > 0) * share <= 1:
+        return  # mass is redistributed proportionally, so zero weights never take any
     result = quantize_weights(weights, limit)
 
     # u16 rounding may push the largest share up by about half a step per entry
