@@ -73,6 +73,7 @@ def up(
 
     progress(f"devnet in {root}")
     failed = False
+    code = 1
     try:
         report = asyncio.run(_run(plan, root, progress))
     except DevnetError as exc:
@@ -81,6 +82,7 @@ def up(
     except KeyboardInterrupt:
         console.print("interrupted: every process was stopped")
         failed = True
+        code = 130  # the shell's convention for SIGINT
     else:
         print_report(console, report)
         progress("done")
@@ -89,7 +91,7 @@ def up(
     elif failed or keep:
         console.print(f"logs and state kept in {root}")
     if failed:
-        raise typer.Exit(1)
+        raise typer.Exit(code)
 
 
 async def _run(plan: DevnetPlan, root: Path, progress: Callable[[str], None]) -> DevnetReport:

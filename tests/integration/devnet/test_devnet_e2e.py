@@ -8,6 +8,8 @@ and the weights on the devnet chain rank the miners as their scores do.
 
 from __future__ import annotations
 
+import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -91,3 +93,48 @@ def test_devnet_scores_a_cheater_zero_and_ranks_miners_on_chain(tmp_path: Path) 
     best, worst = ranked_by_score[-1], ranked_by_score[0]
     assert weights[best] == 65535
     assert weights[worst] == pytest.approx(65535 * scores[worst] / scores[best], abs=1)
+
+
+def test_ctrl_c_stops_every_process(tmp_path: Path) -> None:
+    root = tmp_path / "devnet"
+    command = [
+        str(Path(sys.executable).with_name("byteleapctl")),
+        "devnet",
+        "up",
+        "--workers",
+        "2",
+        "--rounds",
+        "100",
+        "--dir",
+        str(root),
+    ]
+
+    def children() -> list[str]:  # every agent process has the devnet directory in its argv
+        found = subprocess.run(["pgrep", "-f", f"{root}/"], capture_output=True, text=True)
+        return found.stdout.split()
+
+    # a terminal's Ctrl-C: SIGINT to the whole foreground process group
+    proc = subprocess.Popen(
+        command,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
+    try:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            if "workers online at the validator" in line:
+                break
+        else:
+            pytest.fail("the devnet never came up")
+        assert len(children()) == 4  # validator, miner, two workers
+        os.killpg(proc.pid, signal.SIGINT)
+        assert proc.wait(timeout=60) == 130
+        assert "interrupted: every process was stopped" in proc.stdout.read()
+        assert children() == []
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
