@@ -20,6 +20,7 @@ operators can inspect it with ``openssl pkey -in worker.key -pubout``.
 
 from __future__ import annotations
 
+import argparse
 import enum
 import hashlib
 import os
@@ -55,6 +56,8 @@ __all__ = [
     "PeerIdentity",
     "Signer",
     "WorkerKey",
+    "add_hotkey_arguments",
+    "hotkey_from_arguments",
     "load_hotkey",
     "wallet_hotkey_path",
     "worker_id_of",
@@ -436,6 +439,29 @@ class LoadedHotkey:
 
     def describe(self) -> str:
         return f"{self.source} {self.location}"
+
+
+def add_hotkey_arguments(parser: argparse.ArgumentParser) -> None:
+    """The hotkey options every hotkey-signing daemon takes (see :func:`hotkey_from_arguments`)."""
+    parser.add_argument(
+        "--hotkey-uri",
+        help="derive the hotkey from a dev URI such as //Alice (devnets and tests only)",
+    )
+    parser.add_argument("--wallet-name", default="default", help="bittensor wallet name")
+    parser.add_argument("--wallet-hotkey", default="default", help="hotkey name in the wallet")
+    parser.add_argument(
+        "--wallet-path", default=DEFAULT_WALLET_PATH, help="bittensor wallets directory"
+    )
+
+
+def hotkey_from_arguments(args: argparse.Namespace) -> LoadedHotkey:
+    """:func:`load_hotkey` with the options of :func:`add_hotkey_arguments`."""
+    return load_hotkey(
+        uri=args.hotkey_uri,
+        wallet_name=args.wallet_name,
+        wallet_hotkey=args.wallet_hotkey,
+        wallet_path=args.wallet_path,
+    )
 
 
 def load_hotkey(

@@ -35,7 +35,12 @@ from ..chain.config import open_chain
 from ..chain.port import ChainError, ChainPort, ChainUnavailable
 from ..core.config import ConfigError, load_config
 from ..core.credentials import CredentialError, read_secret
-from ..core.identity import DEFAULT_WALLET_PATH, HotkeySigner, IdentityError, load_hotkey
+from ..core.identity import (
+    HotkeySigner,
+    IdentityError,
+    add_hotkey_arguments,
+    hotkey_from_arguments,
+)
 from ..core.logs import log_fields, setup_logging
 from ..core.systemd import Notifier, install_signal_handlers, run_watchdog, watchdog_interval
 from .config import DEFAULT_CONFIG_PATH, ENV_PREFIX, MinerConfig
@@ -77,15 +82,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--config", default=DEFAULT_CONFIG_PATH, help=f"YAML config (default {DEFAULT_CONFIG_PATH})"
     )
-    parser.add_argument(
-        "--hotkey-uri",
-        help="derive the hotkey from a dev URI such as //Alice (devnet and tests only)",
-    )
-    parser.add_argument("--wallet-name", default="default", help="bittensor wallet name")
-    parser.add_argument("--wallet-hotkey", default="default", help="hotkey name in the wallet")
-    parser.add_argument(
-        "--wallet-path", default=DEFAULT_WALLET_PATH, help="bittensor wallets directory"
-    )
+    add_hotkey_arguments(parser)
     parser.add_argument(
         "--control-socket",
         help="control API socket (default $RUNTIME_DIRECTORY/control.sock or <state_dir>/...)",
@@ -117,12 +114,7 @@ def prepare(args: argparse.Namespace) -> Prepared:
     except CredentialError as exc:
         raise StartupError(f"enrollment secret: {exc}") from None
     try:
-        hotkey = load_hotkey(
-            uri=args.hotkey_uri,
-            wallet_name=args.wallet_name,
-            wallet_hotkey=args.wallet_hotkey,
-            wallet_path=args.wallet_path,
-        )
+        hotkey = hotkey_from_arguments(args)
     except IdentityError as exc:
         raise StartupError(f"hotkey: {exc}") from None
     try:
