@@ -51,3 +51,8 @@ clean:
 
 distclean: clean
 	rm -rf $(VENV)
+
+# Debian packages and their flat apt repository in build/debs (docs/packaging.md); root only.
+.PHONY: debs
+debs:
+	bin/build-debs build/debs
