@@ -63,6 +63,7 @@ from .port import (
     RateLimited,
     SubnetSnapshot,
     TxOutcome,
+    check_endpoint,
 )
 from .weights import quantize_weights
 
@@ -136,27 +137,6 @@ def _check_hotkey(hotkey: object) -> str:
             "INVALID_ARGUMENT", f"hotkey {hotkey!r} is not an SS58 address"
         ) from None
     return hotkey
-
-
-def _check_endpoint(ip: object, port: object) -> str:
-    """The canonical form of a dialable ip, or ChainRejected (the devnet's rules)."""
-    if not isinstance(ip, str):
-        raise ChainRejected("INVALID_ARGUMENT", f"endpoint ip must be a string, got {ip!r}")
-    try:
-        address = ipaddress.ip_address(ip)
-    except ValueError:
-        raise ChainRejected(
-            "INVALID_ARGUMENT", f"endpoint ip {ip!r} is not an IP address"
-        ) from None
-    if address.is_unspecified or address.is_multicast:
-        raise ChainRejected(
-            "INVALID_ARGUMENT", f"endpoint ip {ip} cannot be dialled (unspecified or multicast)"
-        )
-    if isinstance(port, bool) or not isinstance(port, int) or not 1 <= port <= U16_MAX:
-        raise ChainRejected(
-            "INVALID_ARGUMENT", f"endpoint port must be an integer in 1..{U16_MAX}, got {port!r}"
-        )
-    return str(address)
 
 
 def _checked_weights(weights: object) -> dict[int, float]:
@@ -525,7 +505,7 @@ class BittensorChain:
     async def publish_endpoint(self, netuid: int, ip: str, port: int) -> TxOutcome:
         signer = self._acting("publish an endpoint")
         netuid = _check_netuid(netuid)
-        canonical_ip = _check_endpoint(ip, port)
+        canonical_ip = check_endpoint(ip, port)
         endpoint = Endpoint(ip=canonical_ip, port=port)
 
         async def serving_rate_limit() -> int:

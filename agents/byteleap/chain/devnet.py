@@ -48,7 +48,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ipaddress
 import math
 import os
 import secrets
@@ -75,6 +74,7 @@ from .port import (
     RateLimited,
     SubnetSnapshot,
     TxOutcome,
+    check_endpoint,
 )
 from .weights import quantize_weights
 
@@ -563,7 +563,7 @@ class DevnetChain:
 
     def _write_endpoint(self, netuid: int, ip: str, port: int) -> TxOutcome:
         hotkey = self._acting_hotkey("publish an endpoint")
-        canonical_ip = self._check_endpoint(ip, port)
+        canonical_ip = check_endpoint(ip, port)
         with self._transaction(write=True) as (db, head):
             subnet = self._subnet(db, netuid)
             neuron = self._neuron(db, subnet.netuid, hotkey)
@@ -575,27 +575,6 @@ class DevnetChain:
             return TxOutcome(
                 block=head, path="serve", message=f"uid {neuron.uid} serves at {endpoint}"
             )
-
-    @staticmethod
-    def _check_endpoint(ip: object, port: object) -> str:
-        if not isinstance(ip, str):
-            raise ChainRejected("INVALID_ARGUMENT", f"endpoint ip must be a string, got {ip!r}")
-        try:
-            address = ipaddress.ip_address(ip)
-        except ValueError:
-            raise ChainRejected(
-                "INVALID_ARGUMENT", f"endpoint ip {ip!r} is not an IP address"
-            ) from None
-        if address.is_unspecified or address.is_multicast:
-            raise ChainRejected(
-                "INVALID_ARGUMENT", f"endpoint ip {ip} cannot be dialled (unspecified or multicast)"
-            )
-        if isinstance(port, bool) or not isinstance(port, int) or not 1 <= port <= U16_MAX:
-            raise ChainRejected(
-                "INVALID_ARGUMENT",
-                f"endpoint port must be an integer in 1..{U16_MAX}, got {port!r}",
-            )
-        return str(address)
 
     def _write_weights(
         self, netuid: int, weights: Mapping[int, float], version_key: int

@@ -36,6 +36,7 @@ __all__ = [
     "RateLimited",
     "SubnetSnapshot",
     "TxOutcome",
+    "check_endpoint",
 ]
 
 DEFAULT_NETUID: Final = 128
@@ -73,6 +74,29 @@ class ChainRejected(ChainError):  # noqa: N818 - names are the port's vocabulary
     def __init__(self, code: str, message: str) -> None:
         super().__init__(f"{code}: {message}")
         self.code = code
+
+
+def check_endpoint(ip: object, port: object) -> str:
+    """The canonical form of an endpoint ip miners can dial, or :class:`ChainRejected`
+    (``INVALID_ARGUMENT``): not an IP, unspecified (0.0.0.0, ::), multicast, or a bad port.
+    Every adapter applies it before publishing, so the devnet refuses what the chain would."""
+    if not isinstance(ip, str):
+        raise ChainRejected("INVALID_ARGUMENT", f"endpoint ip must be a string, got {ip!r}")
+    try:
+        address = ipaddress.ip_address(ip)
+    except ValueError:
+        raise ChainRejected(
+            "INVALID_ARGUMENT", f"endpoint ip {ip!r} is not an IP address"
+        ) from None
+    if address.is_unspecified or address.is_multicast:
+        raise ChainRejected(
+            "INVALID_ARGUMENT", f"endpoint ip {ip} cannot be dialled (unspecified or multicast)"
+        )
+    if isinstance(port, bool) or not isinstance(port, int) or not 1 <= port <= U16_MAX:
+        raise ChainRejected(
+            "INVALID_ARGUMENT", f"endpoint port must be an integer in 1..{U16_MAX}, got {port!r}"
+        )
+    return str(address)
 
 
 class Endpoint(msgspec.Struct, frozen=True, kw_only=True):
