@@ -41,3 +41,8 @@ AGENTS = (
 # Executables other units start; a verify root needs them present and executable.
 HELPER_EXECUTABLES = (Path("/usr/sbin/driverctl"),)
 GPU_HELPER_TEMPLATE = "byteleap-gpu-vfio@.service"
+
+# The local apt repository bin/build-debs writes, and where containers mount it.
+DEBS_DIR = REPO / "build" / "debs"
+REPO_INSIDE = "/srv/byteleap-debs"
+APT_ENV = {"DEBIAN_FRONTEND": "noninteractive"}
