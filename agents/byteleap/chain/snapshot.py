@@ -3,16 +3,16 @@
 Daemons never ask the chain on a request path: they read :attr:`SnapshotCache.current`, which a
 background task refreshes every ``refresh_s``. While the chain is unreachable the last snapshot
 stays in force (one warning when the outage starts, one info line when it ends) and refreshes are
-retried with a capped, jittered backoff.
+retried with the agents' full-jitter exponential backoff (:class:`~byteleap.core.backoff.Backoff`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import random
 from collections.abc import Callable
 
+from ..core.backoff import Backoff
 from .port import ChainError, ChainPort, SubnetSnapshot
 
 __all__ = ["SnapshotCache"]
@@ -35,7 +35,7 @@ class SnapshotCache:
         self._netuid = netuid
         self._refresh_s = refresh_s
         self._retry_min = retry_min_s
-        self._retry_max = min(retry_max_s, refresh_s) if refresh_s > 0 else retry_max_s
+        self._retry_max = max(retry_min_s, min(retry_max_s, refresh_s))
         self._on_change = on_change
         self._current: SubnetSnapshot | None = None
         self._outage: str | None = None
@@ -81,14 +81,12 @@ class SnapshotCache:
 
     async def run(self) -> None:
         """Refresh forever: every ``refresh_s`` when healthy, with backoff during an outage."""
-        failures = 0
+        backoff = Backoff(self._retry_min, self._retry_max)
         while True:
             try:
                 await self.refresh()
             except ChainError:
-                failures += 1
-                delay = min(self._retry_max, self._retry_min * 2.0 ** (failures - 1))
-                await asyncio.sleep(delay * random.uniform(0.75, 1.0))  # noqa: S311 - jitter
+                await asyncio.sleep(backoff.next_delay())
                 continue
-            failures = 0
+            backoff.reset()
             await asyncio.sleep(self._refresh_s)

@@ -75,7 +75,9 @@ __all__ = [
     "CloseCode",
     "RateLimiter",
     "accept",
+    "close_code_name",
     "close_reason",
+    "closed_text",
     "dial",
     "inbound_max_msg_size",
 ]
@@ -199,6 +201,26 @@ def _session_config(
     if timeout is not None:
         changes["handshake_timeout_seconds"] = timeout
     return dataclasses.replace(base, **changes)
+
+
+def close_code_name(code: int) -> str:
+    """``GOING_AWAY``, ``UNAUTHORIZED``... for our codes and the WebSocket standard ones."""
+    for enum_type in (CloseCode, WSCloseCode):
+        with contextlib.suppress(ValueError):
+            return enum_type(code).name
+    return "unknown"
+
+
+def closed_text(exc: ChannelClosed, peer_error: wire.Error | None, peer: str) -> str:
+    """One log phrase for a closed channel: code, name, reason, and what ``peer`` said last."""
+    text = f"close code {exc.code} ({close_code_name(exc.code)})"
+    if exc.reason:
+        text += f": {exc.reason}"
+    if peer_error is not None:
+        text += f"; {peer} said {peer_error.code.name}"
+        if peer_error.message:
+            text += f": {peer_error.message}"
+    return text
 
 
 def close_reason(text: str) -> str:

@@ -485,15 +485,14 @@ class Devnet:
         return next(r for r in self._roles if r.name == name)
 
     async def _open_store(self) -> Store | None:
-        if self._store is None:
-            sqlite_file = self.root / "validator" / "validator.db"
-            if self._store_url is None and not sqlite_file.exists():
-                return None
-            try:
-                self._store = await asyncio.to_thread(open_store, self.store_url)
-            except StoreError:
-                return None
-        return self._store
+        """:meth:`store`, or None while the validator has not created its SQLite file yet."""
+        sqlite_file = self.root / "validator" / "validator.db"
+        if self._store is None and self._store_url is None and not sqlite_file.exists():
+            return None
+        try:
+            return await asyncio.to_thread(self.store)
+        except StoreError:
+            return None
 
     async def _online_workers(self) -> int:
         store = await self._open_store()

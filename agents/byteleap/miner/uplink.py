@@ -64,13 +64,20 @@ from typing import Any, Final
 
 import aiohttp
 import msgspec
-from aiohttp import WSCloseCode
 
 from byteleap import __version__
 
 from ..chain.port import ChainError, ChainPort, Endpoint, Neuron, SubnetSnapshot
 from ..core import wire
-from ..core.channel import Channel, ChannelClosed, CloseCode, RateLimiter, dial
+from ..core.backoff import Backoff
+from ..core.channel import (
+    Channel,
+    ChannelClosed,
+    CloseCode,
+    RateLimiter,
+    closed_text,
+    dial,
+)
 from ..core.identity import HotkeySigner, IdentityKind, PeerIdentity
 from ..core.logs import log_fields
 from ..core.session import SessionConfig
@@ -94,6 +101,7 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
+_PEER = "validator"  # who closed on us, in log phrases
 
 VALIDATOR_PATH: Final = "/v1/miner"
 PROLOGUE: Final = wire.MINER_VALIDATOR_PROLOGUE
@@ -219,35 +227,6 @@ class UplinkSettings:
         )
 
 
-class Backoff:
-    """Full-jitter exponential backoff: attempt k waits uniform(0, min(max, initial * 2**k))."""
-
-    def __init__(self, initial_s: float, max_s: float, *, rng: random.Random | None = None) -> None:
-        if not 0 < initial_s <= max_s:
-            raise ValueError("backoff needs 0 < initial_s <= max_s")
-        self._initial = initial_s
-        self._max = max_s
-        self._rng = rng if rng is not None else random.SystemRandom()
-        self._attempt = 0
-
-    @property
-    def max_s(self) -> float:
-        return self._max
-
-    def next_delay(self) -> float:
-        ceiling = min(self._max, self._initial * 2.0 ** min(self._attempt, 62))
-        self._attempt += 1
-        return self._rng.uniform(0.0, ceiling)
-
-    def long_delay(self) -> float:
-        """A wait near the cap (after a refusal), jittered so many miners do not come at once."""
-        self._attempt += 1
-        return self._rng.uniform(self._max / 2, self._max)
-
-    def reset(self) -> None:
-        self._attempt = 0
-
-
 class ValidatorState(enum.StrEnum):
     CONNECTING = "connecting"
     CONNECTED = "connected"
@@ -296,13 +275,6 @@ def worker_roster(
 def _routable(endpoint: Endpoint) -> bool:
     address = ipaddress.ip_address(endpoint.ip)
     return not (address.is_unspecified or address.is_multicast)
-
-
-def _close_code_name(code: int) -> str:
-    for enum_type in (CloseCode, WSCloseCode):
-        with contextlib.suppress(ValueError):
-            return enum_type(code).name
-    return "unknown"
 
 
 class _LinkDownError(Exception):
@@ -543,7 +515,7 @@ class ValidatorLink:
                 raise _LinkDownError(self._auth_refusal) from None
             if exc.by_peer:
                 raise _LinkDownError(
-                    f"the validator closed the handshake: {_closed_text(exc, None)}",
+                    f"the validator closed the handshake: {closed_text(exc, None, _PEER)}",
                     refused=exc.code == CloseCode.UNAUTHORIZED,
                 ) from None
             raise _LinkDownError(f"handshake failed: {exc.reason}") from None
@@ -584,7 +556,9 @@ class ValidatorLink:
             )
             await channel.send(roster)
         except ChannelClosed as exc:
-            raise _LinkDownError(f"closed during the hello: {_closed_text(exc, None)}") from None
+            raise _LinkDownError(
+                f"closed during the hello: {closed_text(exc, None, _PEER)}"
+            ) from None
         self._set_status(
             ValidatorState.CONNECTED,
             sessions=self._status.sessions + 1,
@@ -639,7 +613,7 @@ class ValidatorLink:
                     )
         except ChannelClosed as exc:
             refused = exc.by_peer and exc.code == CloseCode.UNAUTHORIZED
-            text = _closed_text(exc, self._peer_error)
+            text = closed_text(exc, self._peer_error, _PEER)
             if exc.by_peer and exc.code == CloseCode.REPLACED:
                 text += " (another connection with this miner's hotkey took its place: is a "
                 text += "second miner running with the same hotkey?)"
@@ -874,17 +848,6 @@ def _status_phrase(status: int) -> str:
         return http.HTTPStatus(status).phrase
     except ValueError:
         return ""
-
-
-def _closed_text(exc: ChannelClosed, peer_error: wire.Error | None) -> str:
-    text = f"close code {exc.code} ({_close_code_name(exc.code)})"
-    if exc.reason:
-        text += f": {exc.reason}"
-    if peer_error is not None:
-        text += f"; validator said {peer_error.code.name}"
-        if peer_error.message:
-            text += f": {peer_error.message}"
-    return text
 
 
 class ValidatorUplinks:

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import random
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
@@ -29,6 +28,7 @@ from ..chain.port import (
     RateLimited,
     SubnetSnapshot,
 )
+from ..core.backoff import Backoff
 from ..core.scoring import NetworkScore, ScoringParams, score_network
 from .store import Store, WeightsRecord
 
@@ -92,12 +92,11 @@ class WeightSetter:
         self._version_key = version_key
         self._block_time = block_time_s
         self._retry_min = retry_min_s
-        self._retry_max = retry_max_s
+        self._backoff = Backoff(retry_min_s, retry_max_s)
         self._clock = clock
         self._on_submitted = on_submitted
         self._pending: PendingWeights | None = None
         self._wake = asyncio.Event()
-        self._failures = 0
         self.last_block: int | None = None
         self.last_error: str | None = None
 
@@ -108,7 +107,7 @@ class WeightSetter:
     def submit(self, pending: PendingWeights) -> None:
         """Queue weights (replacing older pending ones) and try right away."""
         self._pending = pending
-        self._failures = 0
+        self._backoff.reset()
         self._wake.set()
 
     async def run(self) -> None:
@@ -144,21 +143,17 @@ class WeightSetter:
             await self._failed(pending, "rate_limited", str(exc))
             return wait
         except ChainUnavailable as exc:
-            self._failures += 1
             await self._failed(pending, "unavailable", str(exc))
-            return self._backoff()
+            return self._backoff.next_delay()
         except NotRegistered as exc:
-            self._failures += 1
             await self._failed(pending, "not_registered", str(exc))
-            return self._backoff()
+            return self._backoff.next_delay()
         except ChainRejected as exc:
-            self._failures += 1
             await self._failed(pending, "rejected", str(exc))
-            return self._backoff()
+            return self._backoff.next_delay()
         except ChainError as exc:  # any other domain error: treat as transient
-            self._failures += 1
             await self._failed(pending, "unavailable", str(exc))
-            return self._backoff()
+            return self._backoff.next_delay()
         record = WeightsRecord(
             at=self._clock(),
             status="submitted",
@@ -187,11 +182,7 @@ class WeightSetter:
     def _done(self, pending: PendingWeights) -> None:
         if self._pending is pending:
             self._pending = None
-        self._failures = 0
-
-    def _backoff(self) -> float:
-        base: float = min(self._retry_max, self._retry_min * 2.0 ** max(0, self._failures - 1))
-        return base * random.uniform(0.75, 1.0)  # noqa: S311 - jitter, not secrecy
+        self._backoff.reset()
 
     async def _failed(self, pending: PendingWeights, status: str, message: str) -> None:
         if message != self.last_error:

@@ -40,11 +40,17 @@ from typing import Any, Final
 from urllib.parse import urlsplit
 
 import aiohttp
-from aiohttp import WSCloseCode
 
 from byteleap import __version__
 from byteleap.core import wire
-from byteleap.core.channel import Channel, ChannelClosed, CloseCode, dial
+from byteleap.core.backoff import Backoff
+from byteleap.core.channel import (
+    Channel,
+    ChannelClosed,
+    CloseCode,
+    closed_text,
+    dial,
+)
 from byteleap.core.credentials import enrollment_mac
 from byteleap.core.files import PrivateFileError, read_private_file, write_new_file
 from byteleap.core.identity import IdentityKind, PeerIdentity, WorkerKey
@@ -67,6 +73,7 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
+_PEER = "miner"  # who closed on us, in log phrases
 
 PROLOGUE: Final = wire.WORKER_MINER_PROLOGUE
 PIN_FILE: Final = "miner.pin"
@@ -204,39 +211,6 @@ class LinkStatus:
         return f"{what} at {self.url}: {reason}{retry}"
 
 
-class Backoff:
-    """Full-jitter exponential backoff: attempt k waits uniform(0, min(max, initial * 2**k))."""
-
-    def __init__(self, initial_s: float, max_s: float, *, rng: random.Random | None = None) -> None:
-        if not initial_s > 0:
-            raise ValueError("miner.reconnect_initial_s: must be positive")
-        if max_s < initial_s:
-            raise ValueError(
-                "miner.reconnect_max_s: must not be smaller than miner.reconnect_initial_s"
-            )
-        self._initial = initial_s
-        self._max = max_s
-        self._rng = rng if rng is not None else random.SystemRandom()
-        self._attempt = 0
-
-    @property
-    def attempt(self) -> int:
-        """Delays handed out since the last reset."""
-        return self._attempt
-
-    def ceiling(self) -> float:
-        """The upper bound of the next delay."""
-        return min(self._max, self._initial * 2.0 ** min(self._attempt, 62))
-
-    def next_delay(self) -> float:
-        ceiling = self.ceiling()
-        self._attempt += 1
-        return self._rng.uniform(0.0, ceiling)
-
-    def reset(self) -> None:
-        self._attempt = 0
-
-
 # --------------------------------------------------------------------------------------------
 # Enrollment proof and the miner pin
 
@@ -291,25 +265,6 @@ class _LinkDownError(Exception):
 
 def _internal(exc: Exception) -> wire.CodedError:
     return wire.CodedError(wire.ErrorCode.INTERNAL, f"internal error: {exc}")
-
-
-def _close_code_name(code: int) -> str:
-    for enum_type in (CloseCode, WSCloseCode):
-        with contextlib.suppress(ValueError):
-            return enum_type(code).name
-    return "unknown"
-
-
-def _closed_text(exc: ChannelClosed, peer_error: wire.Error | None) -> str:
-    name = _close_code_name(exc.code)
-    text = f"close code {exc.code} ({name})"
-    if exc.reason:
-        text += f": {exc.reason}"
-    if peer_error is not None:
-        text += f"; miner said {peer_error.code.name}"
-        if peer_error.message:
-            text += f": {peer_error.message}"
-    return text
 
 
 # --------------------------------------------------------------------------------------------
@@ -518,7 +473,7 @@ class WorkerLink:
                 raise _LinkDownError(self._auth_refusal) from None
             if exc.by_peer:
                 raise _LinkDownError(
-                    f"{_REFUSED} during the handshake with {_closed_text(exc, None)}",
+                    f"{_REFUSED} during the handshake with {closed_text(exc, None, _PEER)}",
                     refused=True,
                 ) from None
             raise _LinkDownError(f"handshake failed: {exc.reason}") from None
@@ -585,7 +540,7 @@ class WorkerLink:
         except ChannelClosed as exc:
             verb = _REFUSED if exc.by_peer else "registration failed"
             raise _LinkDownError(
-                f"{verb} with {_closed_text(exc, self._peer_error)}", refused=exc.by_peer
+                f"{verb} with {closed_text(exc, self._peer_error, _PEER)}", refused=exc.by_peer
             ) from None
         except TimeoutError:
             raise _LinkDownError(
@@ -656,7 +611,7 @@ class WorkerLink:
             raise exc
         if isinstance(exc, ChannelClosed):
             who = "closed by miner" if exc.by_peer else "closed"
-            raise _LinkDownError(f"{who} with {_closed_text(exc, self._peer_error)}")
+            raise _LinkDownError(f"{who} with {closed_text(exc, self._peer_error, _PEER)}")
         if exc is not None:
             log.error("miner link: internal error", exc_info=exc)
             raise _LinkDownError(f"internal error: {exc!r}")
