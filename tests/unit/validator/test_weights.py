@@ -27,11 +27,15 @@ class ScriptedChain:
         self.answers = list(answers)
         self.calls: list[dict[int, float]] = []
         self.block = 100
+        self.down = False
+        """While set, every call fails with ChainUnavailable (an outage of unknown length)."""
 
     async def set_weights(
         self, netuid: int, weights: Mapping[int, float], *, version_key: int = 0
     ) -> TxOutcome:
         self.calls.append(dict(weights))
+        if self.down:
+            raise ChainUnavailable("down")
         answer = self.answers.pop(0) if self.answers else None
         if answer is not None:
             raise answer
@@ -122,14 +126,16 @@ async def test_rate_limit_waits_the_blocks_the_chain_asks_for() -> None:
 
 
 async def test_outage_then_recovery_lands_the_newest_weights() -> None:
-    chain = ScriptedChain(ChainUnavailable("down"), ChainUnavailable("down"))
+    chain = ScriptedChain()
+    chain.down = True
     records: list[tuple[int, WeightsRecord]] = []
     setter = _setter(chain, records)
     task = asyncio.create_task(setter.run())
     try:
         setter.submit(PendingWeights(1, {1: 1.0}))
-        await eventually(lambda: len(chain.calls) >= 1)
+        await eventually(lambda: len(chain.calls) >= 2)  # refused, then retried
         setter.submit(PendingWeights(2, {2: 1.0}))  # a newer cycle replaces the pending one
+        chain.down = False
         await eventually(lambda: any(r.status == "submitted" for _, r in records))
     finally:
         task.cancel()
