@@ -15,7 +15,8 @@ from pathlib import Path
 
 SUITE = "bookworm"
 MIRROR = "http://deb.debian.org/debian"
-INCLUDE = ("systemd", "systemd-sysv", "dbus", "python3", "udev")
+# libvirt0: byteleap-common links libvirt-python against it, and the containers have no mirror.
+INCLUDE = ("systemd", "systemd-sysv", "dbus", "python3", "udev", "libvirt0")
 CACHE_DIR = Path(os.environ.get("BYTELEAP_SYSTEM_CACHE", "/var/cache/byteleap-system-tests"))
 
 
