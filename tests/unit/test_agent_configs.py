@@ -37,3 +37,17 @@ def test_env_override_and_bad_values(tmp_path: Path) -> None:
             env_prefix=MINER_ENV,
             environ={"BYTELEAP_MINER__POLICY__MAX_WORKERS": "101"},
         )
+
+
+def test_worker_vm_section_needs_a_gpu_mode_that_can_lease(tmp_path: Path) -> None:
+    digest = "a" * 64
+    vm = f"vm:\n  base_image: /var/lib/byteleap/base.qcow2\n  base_image_sha256: {digest}\n"
+    host = tmp_path / "host.yaml"
+    host.write_text("gpu:\n  mode: host\n" + vm)
+    with pytest.raises(ConfigError, match=r"vm: leases need gpu\.mode auto or passthrough"):
+        load_config(host, WorkerConfig, env_prefix=WORKER_ENV, environ={})
+    auto = tmp_path / "auto.yaml"
+    auto.write_text("gpu:\n  mode: auto\n" + vm)
+    cfg = load_config(auto, WorkerConfig, env_prefix=WORKER_ENV, environ={})
+    assert cfg.vm is not None and cfg.vm.base_image_sha256 == digest
+    assert load_config(None, WorkerConfig, env_prefix=WORKER_ENV, environ={}).vm is None

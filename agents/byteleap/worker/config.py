@@ -9,6 +9,7 @@ from msgspec import Meta
 
 from ..core import wire
 from ..core.config import ConfigStruct, LoggingConfig, PositiveSeconds
+from .vm.config import VmSettings
 
 DEFAULT_CONFIG_PATH = "/etc/byteleap/worker.yaml"
 ENV_PREFIX = "BYTELEAP_WORKER"
@@ -50,4 +51,13 @@ class WorkerConfig(ConfigStruct, frozen=True, kw_only=True):
     heartbeat_interval_s: Annotated[float, Meta(ge=1, le=3600)] = 30.0
     challenge: ChallengeSettings = msgspec.field(default_factory=ChallengeSettings)
     gpu: GpuSettings = msgspec.field(default_factory=GpuSettings)
+    # Leased VMs (docs/leased-vms.md); without this section the worker takes no leases.
+    vm: VmSettings | None = None
     logging: LoggingConfig = msgspec.field(default_factory=LoggingConfig)
+
+    def __post_init__(self) -> None:
+        if self.vm is not None and self.gpu.mode == "host":
+            raise ValueError(
+                "vm: leases need gpu.mode auto or passthrough (gpu.mode host keeps every GPU "
+                "on the NVIDIA driver)"
+            )
