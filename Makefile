@@ -27,9 +27,12 @@ setup: $(STAMP)
 lint: $(STAMP)
 	$(VENV)/bin/ruff check agents tests bin
 	$(VENV)/bin/ruff format --check agents tests bin
+	$(VENV)/bin/ruff check --target-version py310 bin/vfio-setup
+	$(VENV)/bin/ruff format --check bin/vfio-setup
 
 typecheck: $(STAMP)
 	$(VENV)/bin/mypy
+	$(VENV)/bin/mypy --strict --python-version 3.10 bin/vfio-setup
 
 unit: $(STAMP)
 	$(VENV)/bin/pytest tests/unit -q

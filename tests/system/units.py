@@ -39,7 +39,7 @@ AGENTS = (
 )
 
 # Executables other units start; a verify root needs them present and executable.
-HELPER_EXECUTABLES = (Path("/usr/sbin/driverctl"),)
+HELPER_EXECUTABLES = (Path("/usr/sbin/vfio-setup"), Path("/sbin/modprobe"))
 GPU_HELPER_TEMPLATE = "byteleap-gpu-vfio@.service"
 
 # The local apt repository bin/build-debs writes, and where containers mount it.
