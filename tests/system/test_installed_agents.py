@@ -35,6 +35,8 @@ STATUS_PATTERNS = {
     "worker": r"connected to miner \S+ at ws://127\.0\.0\.1:7799/worker",
     "miner": r"1 worker online, 1/\d+ enrolled, 1/1 validator connected",
     "validator": r"1 miners, 1 workers online, round \d+",
+    # No worker enrolls with the gateway here: its listeners are up and its store is open.
+    "gateway": r"0 workers connected, 0 GPUs idle, 0 leases running",
 }
 # Short enough that a hung agent is noticed within the test, long enough for a loaded machine.
 TEST_WATCHDOG_S = 10

@@ -36,6 +36,7 @@ AGENTS = (
     AgentUnit("worker", 4.0),
     AgentUnit("miner", 2.0),
     AgentUnit("validator", 2.0),
+    AgentUnit("gateway", 2.0),
 )
 
 # Executables other units start; a verify root needs them present and executable.

@@ -11,6 +11,7 @@ from .. import __version__
 from .challenge import app as challenge_app
 from .db import app as db_app
 from .devnet import app as devnet_app
+from .gateway import app as gateway_app
 from .keys import app as keys_app
 from .scores import app as scores_app
 
@@ -23,6 +24,7 @@ app = typer.Typer(
 app.add_typer(challenge_app, name="challenge")
 app.add_typer(db_app, name="db")
 app.add_typer(devnet_app, name="devnet")
+app.add_typer(gateway_app, name="gateway")
 app.add_typer(keys_app, name="keys")
 app.add_typer(scores_app, name="scores")
 
