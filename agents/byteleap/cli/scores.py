@@ -26,6 +26,17 @@ def _gflops(value: float | None) -> str:
     return "-" if value is None else f"{value / 1e9:,.2f}"
 
 
+def _leased(seconds: float) -> str:
+    """Leased time in the window, in the unit that reads best (``-`` when never leased)."""
+    if seconds <= 0:
+        return "-"
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
 def worker_table(
     cycle: CycleRecord,
     *,
@@ -33,7 +44,8 @@ def worker_table(
     names: Mapping[str, str] | None = None,
     labels: Mapping[str, str] | None = None,
 ) -> Table:
-    """Every factor of every worker (of one miner when ``miner`` is given)."""
+    """Every factor of every worker (of one miner when ``miner`` is given); ``leased`` is the
+    gateway-signed leased time in the window, ``lease`` its share of the window."""
     names = names or {}
     labels = labels or {}
     table = Table(title=f"workers, cycle {cycle.cycle_id}", title_justify="left")
@@ -47,6 +59,7 @@ def worker_table(
         ("GFLOP/s", "right"),
         ("rank", "right"),
         ("challenge", "right"),
+        ("leased", "right"),
         ("lease", "right"),
         ("score", "right"),
     ):
@@ -64,6 +77,7 @@ def worker_table(
             _gflops(w.throughput),
             f"{w.rank:.3f}",
             f"{w.challenge:.3f}",
+            _leased(w.leased_seconds),
             f"{w.lease:.3f}",
             f"{w.score:.4f}" + ("" if w.counted else " (not counted)"),
         )

@@ -138,7 +138,7 @@ def verify_record(signed: SignedLeaseRecord, trusted: dict[str, Ed25519PublicKey
     names (``trusted``: gateway_id -> public key); :class:`LeaseRecordError` otherwise."""
     try:
         record = _RECORD_DECODER.decode(signed.record)
-    except msgspec.DecodeError as exc:
+    except (msgspec.DecodeError, UnicodeDecodeError) as exc:
         raise LeaseRecordError(f"lease record does not decode: {exc}") from None
     key = trusted.get(record.gateway_id)
     if key is None:

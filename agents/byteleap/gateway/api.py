@@ -36,14 +36,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-from ..core.identity import PeerIdentity, worker_id_of
-from ..core.lease import MAX_FEED_PAGE, FeedPage
-from ..core.logs import log_fields
-from .ca import CsrError, GatewayCA, load_csr
-from .config import GatewayConfig
-from .keys import TOKEN_PREFIX, KeyKind, LeaseSigner, new_secret, parse_bearer, secret_hash
-from .leases import LeaseError, LeaseManager, lease_view
-from .protocol import (
+from ..core.gateway_protocol import (
     ApiError,
     EnrollRequest,
     EnrollResponse,
@@ -54,6 +47,13 @@ from .protocol import (
     TokenResponse,
     enroll_proof_message,
 )
+from ..core.identity import PeerIdentity, worker_id_of
+from ..core.lease import MAX_FEED_PAGE, FeedPage
+from ..core.logs import log_fields
+from .ca import CsrError, GatewayCA, load_csr
+from .config import GatewayConfig
+from .keys import TOKEN_PREFIX, KeyKind, LeaseSigner, new_secret, parse_bearer, secret_hash
+from .leases import LeaseError, LeaseManager, lease_view
 from .store import GatewayStore, StoreConflict, StoreError, StoreUnavailable, TokenError
 
 __all__ = ["ApiFailure", "FailureLimiter", "GatewayApi"]

@@ -42,11 +42,7 @@ from typing import Final, ParamSpec, Protocol, TypeVar
 
 import msgspec
 
-from ..core.lease import LeaseRecord, LeaseRecordError, SignedLeaseRecord
-from ..core.logs import log_fields
-from .config import LeaseSettings
-from .keys import LeaseSigner
-from .protocol import (
+from ..core.gateway_protocol import (
     Capacity,
     ExtendLease,
     GpuSlot,
@@ -69,6 +65,10 @@ from .protocol import (
     WorkerGpus,
     normalize_ssh_public_key,
 )
+from ..core.lease import LeaseRecord, LeaseRecordError, SignedLeaseRecord
+from ..core.logs import log_fields
+from .config import LeaseSettings
+from .keys import LeaseSigner
 from .store import GatewayStore, Lease, RecordMaker, StoreConflict, StoreError, StoreUnavailable
 
 __all__ = ["Counts", "LeaseError", "LeaseManager", "OnlineWorker", "WorkerLink", "lease_view"]

@@ -43,11 +43,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from ..core.channel import CloseCode, RateLimiter
-from ..core.logs import log_fields
-from .ca import CsrError, GatewayCA, certificate_identity, load_csr
-from .config import GatewayConfig
-from .leases import LeaseManager
-from .protocol import (
+from ..core.gateway_protocol import (
     MAX_UP_BYTES,
     UP,
     ApiError,
@@ -69,6 +65,10 @@ from .protocol import (
     encode,
     renew_proof_message,
 )
+from ..core.logs import log_fields
+from .ca import CsrError, GatewayCA, certificate_identity, load_csr
+from .config import GatewayConfig
+from .leases import LeaseManager
 from .store import GatewayStore, StoreConflict, StoreError, WorkerRow
 
 __all__ = ["RENEW_MIN_INTERVAL_S", "WorkerHub", "WorkerSession"]

@@ -37,9 +37,9 @@ from typing import Any, Final, Literal
 
 import msgspec
 
+from ..core.gateway_protocol import LeaseState
 from ..core.lease import SignedLeaseRecord
 from .keys import KeyKind
-from .protocol import LeaseState
 from .store_schema import MIGRATIONS, MIGRATIONS_TABLE, SCHEMA_VERSION, render
 
 __all__ = [

@@ -5,7 +5,8 @@ Start-up, in order (any problem in the first three is exit code 2 with one line 
 1. configuration (``--config``, env prefix ``BYTELEAP_VALIDATOR``), the hotkey (a dev URI for
    devnets and tests, else the systemd credential ``hotkey``, else the wallet:
    :func:`~byteleap.core.identity.load_hotkey`), the store URL (credential ``store-url``,
-   ``store.url_file`` or ``store.url``);
+   ``store.url_file`` or ``store.url``), each gateway's API key (credential
+   ``gateway-<name>-key`` or ``api_key_file``) and CA (``ca_file``);
 2. the store: opened and migrated to the schema this version needs (``byteleapctl db upgrade``
    does the same by hand); a database newer than the code is refused. A PostgreSQL that is down
    is waited for, not fatal;
@@ -18,10 +19,12 @@ Start-up, in order (any problem in the first three is exit code 2 with one line 
 
 Then, concurrently: snapshot refreshes (which also close miners that were deregistered), challenge
 rounds every ``rounds.interval_s``, a scoring cycle after a round once ``weights.interval_s`` has
-passed since the last one, weight submissions (retried through rate limits and outages),
-retention, the watchdog and a STATUS line such as ``3 miners, 41 workers online, round 17,
-weights @ 4411``. SIGTERM/SIGINT: STOPPING=1, the round in flight is cancelled (its challenges
-are expired), miners are told GOING_AWAY, the store and the chain are closed.
+passed since the last one, weight submissions (retried through rate limits and outages), one
+lease feed reader per configured gateway (:mod:`~byteleap.validator.leases`), retention, the
+watchdog and a STATUS line such as ``3 miners, 41 workers online, round 17, weights @ 4411,
+leases from 2/2 gateways``. SIGTERM/SIGINT: STOPPING=1, the round in flight is cancelled (its
+challenges are expired), the feed readers stop, miners are told GOING_AWAY, the store and the
+chain are closed.
 """
 
 from __future__ import annotations
@@ -31,10 +34,11 @@ import asyncio
 import contextlib
 import logging
 import os
+import ssl
 import sys
 import time
-from collections.abc import Coroutine, Sequence
-from dataclasses import dataclass
+from collections.abc import Coroutine, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -51,8 +55,15 @@ from ..core.identity import (
 )
 from ..core.logs import log_fields, setup_logging
 from ..core.systemd import Notifier, install_signal_handlers, run_watchdog, watchdog_interval
-from .config import DEFAULT_CONFIG_PATH, ENV_PREFIX, StoreUrlError, ValidatorConfig
+from .config import (
+    DEFAULT_CONFIG_PATH,
+    ENV_PREFIX,
+    GatewayKeyError,
+    StoreUrlError,
+    ValidatorConfig,
+)
 from .db import AsyncStore
+from .leases import GatewayFeed, gateway_ssl_context
 from .miners import MinerHub
 from .rounds import RoundEngine
 from .store import Store, StoreError, WeightsRecord, open_store, redact_url
@@ -95,6 +106,10 @@ class Prepared:
     store_url: str
     hotkey_source: str = ""
     """Where the hotkey came from (dev URI, systemd credential or wallet file), for the log."""
+    gateway_keys: Mapping[str, str] = field(default_factory=dict, repr=False)
+    """Gateway name -> the validator's API key there (secret: never shown)."""
+    gateway_tls: Mapping[str, ssl.SSLContext] = field(default_factory=dict, repr=False)
+    """Gateway name -> a TLS context trusting only that gateway's CA."""
 
 
 def prepare(args: argparse.Namespace) -> Prepared:
@@ -111,7 +126,24 @@ def prepare(args: argparse.Namespace) -> Prepared:
         url = config.store.resolve_url()
     except StoreUrlError as exc:
         raise StartupError(f"store: {exc}") from None
-    return Prepared(config, hotkey.signer, url, hotkey_source=hotkey.describe())
+    keys: dict[str, str] = {}
+    contexts: dict[str, ssl.SSLContext] = {}
+    for gateway in config.gateways:
+        try:
+            keys[gateway.name] = gateway.resolve_api_key()
+            contexts[gateway.name] = gateway_ssl_context(gateway.ca_file)
+        except GatewayKeyError as exc:
+            raise StartupError(str(exc)) from None
+        except ValueError as exc:
+            raise StartupError(f"gateway {gateway.name}: {exc}") from None
+    return Prepared(
+        config,
+        hotkey.signer,
+        url,
+        hotkey_source=hotkey.describe(),
+        gateway_keys=keys,
+        gateway_tls=contexts,
+    )
 
 
 class Validator:
@@ -139,8 +171,23 @@ class Validator:
             signer=self.signer,
             snapshot=lambda: self.snapshots.current,
         )
-        self.engine = RoundEngine(self.db, self.hub, config.rounds)
+        self.engine = RoundEngine(
+            self.db,
+            self.hub,
+            config.rounds,
+            lease_grace_s={g.gateway_id: g.grace_s for g in config.gateways},
+        )
         self.hub.listener = self.engine
+        self.lease_gateways = frozenset(g.gateway_id for g in config.gateways)
+        self.feeds = [
+            GatewayFeed(
+                g,
+                self.db,
+                api_key=prepared.gateway_keys[g.name],
+                ssl_context=prepared.gateway_tls[g.name],
+            )
+            for g in config.gateways
+        ]
         self.setter: WeightSetter | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
         self._last_cycle_at: float | None = None
@@ -158,6 +205,9 @@ class Validator:
         parts.append(f"round {self.engine.rounds_run}")
         if self.setter is not None and self.setter.last_block is not None:
             parts.append(f"weights @ {self.setter.last_block}")
+        if self.feeds:
+            healthy = sum(1 for feed in self.feeds if feed.healthy)
+            parts.append(f"leases from {healthy}/{len(self.feeds)} gateways")
         if self.snapshots.outage is not None:
             parts.append("chain unreachable")
         if self.db.outage is not None:
@@ -254,7 +304,12 @@ class Validator:
             return
         try:
             cycle_id, result, uids = await self.db.call(
-                run_cycle, self.db.store, snapshot, now, self.config.scoring
+                run_cycle,
+                self.db.store,
+                snapshot,
+                now,
+                self.config.scoring,
+                lease_gateways=self.lease_gateways,
             )
         except Exception:
             log.exception("scoring cycle failed")
@@ -367,6 +422,7 @@ async def _serve(v: Validator) -> int:
                 (v.setter.run(), "weights"),
                 (v.retention_loop(), "retention"),
                 (v.status_loop(), "status"),
+                *((feed.run(), f"lease-feed-{feed.name}") for feed in v.feeds),
             )
         )
         notifier.ready(v.status_line())

@@ -3,7 +3,8 @@
 Sections: ``listen`` (the miner-facing WebSocket and the endpoint published on chain), ``chain``,
 ``store`` (SQLite by default, PostgreSQL in production), ``rounds`` (the challenge engine),
 ``scoring`` (:class:`~byteleap.core.scoring.ScoringParams` as it is), ``weights``, ``policy``
-(admission and flood limits for miner connections), ``retention`` and ``logging``.
+(admission and flood limits for miner connections), ``retention``, ``gateways`` (the lease feeds
+to read) and ``logging``.
 
 Cross-field rules are checked here so a bad combination fails at start-up with the keys named,
 not in the middle of a round: the row sample must fit the smallest matrix, the largest reveal must
@@ -12,18 +13,21 @@ fit a wire frame, and scoring must count rounds at the interval they really run.
 The store URL of a PostgreSQL database usually holds a password. It never has a default, and it
 can live outside the config: a systemd credential named ``store-url`` (``LoadCredential=``) or
 ``store.url_file`` (a 0600 file); :meth:`StoreSettings.resolve_url` reads it. Error messages about
-the URL never repeat it.
+the URL never repeat it. A gateway's API key is handled the same way: the credential
+``gateway-<name>-key`` or ``api_key_file`` (:meth:`GatewaySettings.resolve_api_key`).
 """
 
 from __future__ import annotations
 
 import ipaddress
 import os
+import urllib.parse
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Final
 
 import msgspec
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from msgspec import Meta
 
 from ..chain.config import ChainConfig
@@ -38,12 +42,16 @@ from ..core.config import (
 )
 from ..core.credentials import CredentialError, credential_path
 from ..core.files import PrivateFileError, read_private_file
+from ..core.lease import gateway_id_of
 from ..core.scoring import ScoringParams
 
 __all__ = [
     "DEFAULT_CONFIG_PATH",
     "ENV_PREFIX",
+    "GATEWAY_CHECKPOINT_S",
     "STORE_URL_CREDENTIAL",
+    "GatewayKeyError",
+    "GatewaySettings",
     "MinerListen",
     "MinerPolicy",
     "Retention",
@@ -217,6 +225,110 @@ class Retention(ConfigStruct, frozen=True, kw_only=True):
     default 20-minute interval, ~1.1 MiB each for a full subnet of 25 600 workers."""
 
 
+GatewayName = Annotated[str, Meta(pattern=r"\A[a-z0-9](?:[a-z0-9-]{0,30}[a-z0-9])?\Z")]
+"""Lower-case letters, digits and inner dashes, at most 32: it names a systemd credential."""
+GATEWAY_CHECKPOINT_S: Final = 300.0
+"""The gateway's default ``leases.checkpoint_s``: how stale a running lease's record may be."""
+_MAX_API_KEY_BYTES: Final = 1024
+_MIN_API_KEY_CHARS: Final = 16
+
+
+class GatewayKeyError(Exception):
+    """A gateway's API key is missing, unsafe or malformed; the message never shows the key."""
+
+
+class GatewaySettings(ConfigStruct, frozen=True, kw_only=True):
+    """One gateway whose signed lease feed the validator reads (docs/validator.md, Leases).
+
+    Its id is derived from ``signing_public_key`` (:func:`~byteleap.core.lease.gateway_id_of`),
+    never configured: a record is only believed when this key signed it and it names this id.
+    """
+
+    name: GatewayName
+    """Names the gateway in logs and its API key credential ``gateway-<name>-key``."""
+    url: str
+    """``https://host[:port][/prefix]``: the feed is ``{url}/v1/lease-feed``."""
+    ca_file: str
+    """PEM of the gateway's own CA: the only trust root for ``url`` (system CAs are not used)."""
+    signing_public_key: str
+    """Hex of the gateway's raw Ed25519 lease-signing public key (64 hex digits)."""
+    api_key_file: str | None = None
+    """A 0600 file holding the validator's API key for this gateway (the credential
+    ``gateway-<name>-key`` wins)."""
+    poll_interval_s: Annotated[float, Meta(gt=0, le=3600)] = 60.0
+    lease_grace_s: Annotated[float, Meta(gt=0, le=86400)] | None = None
+    """How long after its last checkpoint a lease that has not ended keeps its devices out of
+    challenges; unset: the gateway's default checkpoint interval (300 s) plus two poll
+    intervals. Set it to at least the gateway's checkpoint interval plus ``poll_interval_s``."""
+
+    def __post_init__(self) -> None:
+        try:
+            parts = urllib.parse.urlsplit(self.url)
+            _ = parts.port  # raises for a port that is not a number in range
+        except ValueError:
+            raise ValueError(f"url {self.url!r} is not a valid URL") from None
+        if parts.scheme != "https" or not parts.hostname:
+            raise ValueError(f"url {self.url!r} must be https://host[:port][/path]")
+        if parts.username is not None or parts.password is not None:
+            raise ValueError("url must not hold credentials: put the API key in api_key_file")
+        if parts.query or parts.fragment or any(c.isspace() for c in self.url):
+            raise ValueError(f"url {self.url!r} must have no query, fragment or spaces")
+        if not self.ca_file:
+            raise ValueError("ca_file must name the gateway CA's PEM file")
+        raw = self.signing_public_key
+        if len(raw) != 64 or any(c not in "0123456789abcdefABCDEF" for c in raw):
+            raise ValueError("signing_public_key must be 64 hex digits (a raw Ed25519 key)")
+
+    @property
+    def public_key(self) -> Ed25519PublicKey:
+        return Ed25519PublicKey.from_public_bytes(bytes.fromhex(self.signing_public_key))
+
+    @property
+    def gateway_id(self) -> str:
+        return gateway_id_of(bytes.fromhex(self.signing_public_key))
+
+    @property
+    def feed_url(self) -> str:
+        return self.url.rstrip("/") + "/v1/lease-feed"
+
+    @property
+    def credential_name(self) -> str:
+        return f"gateway-{self.name}-key"
+
+    @property
+    def grace_s(self) -> float:
+        """:attr:`lease_grace_s`, or a checkpoint interval plus two poll intervals."""
+        if self.lease_grace_s is not None:
+            return self.lease_grace_s
+        return GATEWAY_CHECKPOINT_S + 2 * self.poll_interval_s
+
+    def resolve_api_key(self, environ: Mapping[str, str] | None = None) -> str:
+        """The API key: the systemd credential ``gateway-<name>-key``, else ``api_key_file``.
+
+        Raises :class:`GatewayKeyError` for a missing, unsafe (group/other readable) or
+        malformed file; the message names the file, never its content.
+        """
+        env = os.environ if environ is None else environ
+        try:
+            path = credential_path(self.credential_name, self.api_key_file, env)
+            raw = read_private_file(path, _MAX_API_KEY_BYTES, what="gateway API key file")
+        except (CredentialError, PrivateFileError) as exc:
+            raise GatewayKeyError(f"gateway {self.name}: {exc}") from None
+        try:
+            key = raw.decode("ascii").strip()
+        except UnicodeDecodeError:
+            raise GatewayKeyError(
+                f"gateway {self.name}: API key file {path} is not ASCII text"
+            ) from None
+        # It travels in an Authorization header: visible ASCII only, no spaces.
+        if len(key) < _MIN_API_KEY_CHARS or not all("!" <= c <= "~" for c in key):
+            raise GatewayKeyError(
+                f"gateway {self.name}: API key file {path} must hold one key of at least "
+                f"{_MIN_API_KEY_CHARS} visible ASCII characters on one line"
+            )
+        return key
+
+
 class ValidatorConfig(ConfigStruct, frozen=True, kw_only=True):
     state_dir: str = "/var/lib/byteleap/validator"
     listen: MinerListen = msgspec.field(default_factory=MinerListen)
@@ -227,6 +339,7 @@ class ValidatorConfig(ConfigStruct, frozen=True, kw_only=True):
     weights: WeightsSettings = msgspec.field(default_factory=WeightsSettings)
     policy: MinerPolicy = msgspec.field(default_factory=MinerPolicy)
     retention: Retention = msgspec.field(default_factory=Retention)
+    gateways: list[GatewaySettings] = msgspec.field(default_factory=list)
     logging: LoggingConfig = msgspec.field(default_factory=LoggingConfig)
 
     def __post_init__(self) -> None:
@@ -237,3 +350,14 @@ class ValidatorConfig(ConfigStruct, frozen=True, kw_only=True):
                 f" must equal rounds.interval_s ({self.rounds.interval_s:g}): participation is "
                 "counted in rounds"
             )
+        names: set[str] = set()
+        ids: dict[str, str] = {}
+        for gateway in self.gateways:
+            if gateway.name in names:
+                raise ValueError(f"gateways: the name {gateway.name!r} is used twice")
+            names.add(gateway.name)
+            other = ids.setdefault(gateway.gateway_id, gateway.name)
+            if other != gateway.name:
+                raise ValueError(
+                    f"gateways: {other!r} and {gateway.name!r} have the same signing key"
+                )

@@ -19,9 +19,10 @@ import asyncio
 import logging
 import random
 import time
-from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Collection, Iterable, Mapping, Sequence
 from typing import ParamSpec, TypeVar
 
+from ..core.lease import LeaseRecord
 from ..core.logs import log_fields
 from ..core.scoring import NetworkScore, ScoringParams, WorkerInput
 from .store import (
@@ -33,6 +34,7 @@ from .store import (
     Store,
     StoreStatus,
     StoreUnavailable,
+    VerifiedLease,
     WeightsRecord,
     WorkerRoundOutcome,
 )
@@ -171,8 +173,27 @@ class AsyncStore:
     async def challenge_states(self, round_id: int | None = None) -> dict[bytes, ChallengeState]:
         return await self.call(self.store.challenge_states, round_id)
 
-    async def scoring_inputs(self, now: float, params: ScoringParams) -> list[WorkerInput]:
-        return await self.call(self.store.scoring_inputs, now, params)
+    async def scoring_inputs(
+        self,
+        now: float,
+        params: ScoringParams,
+        *,
+        lease_gateways: Collection[str] | None = None,
+    ) -> list[WorkerInput]:
+        return await self.call(
+            self.store.scoring_inputs, now, params, lease_gateways=lease_gateways
+        )
+
+    async def lease_cursor(self, gateway_id: str) -> int:
+        return await self.call(self.store.lease_cursor, gateway_id)
+
+    async def record_lease_page(
+        self, gateway_id: str, after: int, leases: Sequence[VerifiedLease], now: float
+    ) -> int:
+        return await self.call(self.store.record_lease_page, gateway_id, after, leases, now)
+
+    async def active_leases(self, since: float) -> list[LeaseRecord]:
+        return await self.call(self.store.active_leases, since)
 
     async def record_cycle(
         self, result: NetworkScore, *, block: int | None, uids: Mapping[str, int]

@@ -3,12 +3,16 @@
 One :meth:`RoundEngine.run_round` challenges every connected miner concurrently; per miner:
 
 1. **Choose.** From the miner's latest roster, each online worker's devices: its GPUs that are not
-   bound to vfio-pci, not leased (``leased_devices``) and not excluded by a device-uuid conflict
+   bound to vfio-pci, not leased and not excluded by a device-uuid conflict
    (``store.excluded_devices()``); a worker without GPUs is challenged on its CPU prover
-   ``cpu-0``. A worker left with nothing is skipped. GPU size: the largest multiple of 64 with
-   three n x n fp32 matrices in half of the GPU's memory (``n = sqrt(mem / 24)``), capped at
-   ``rounds.gpu_max_n``, in ``rounds.precision`` (fp32 where tf32/bf16 is configured but the GPU
-   is older than compute capability 8.0 and could not run it); CPU: ``rounds.cpu_n`` in fp32.
+   ``cpu-0``. Leased means listed in the roster's ``leased_devices`` *or* in a gateway-signed
+   lease of that (miner, worker) that has not ended and was last confirmed within its gateway's
+   grace (:func:`~byteleap.validator.leases.leased_devices`): a miner cannot get a rented GPU
+   challenged by calling it free. A worker left with nothing is skipped. GPU size: the largest
+   multiple of 64 with three n x n fp32 matrices in half of the GPU's memory
+   (``n = sqrt(mem / 24)``), capped at ``rounds.gpu_max_n``, in ``rounds.precision`` (fp32 where
+   tf32/bf16 is configured but the GPU is older than compute capability 8.0 and could not run
+   it); CPU: ``rounds.cpu_n`` in fp32.
 2. **Echo.** Every online worker, concurrently, just before dispatch. A worker whose echo fails
    is neither challenged nor marked present; the others are marked present (availability),
    fully leased ones included: a rented worker is not challenged, but it is there.
@@ -46,7 +50,7 @@ import logging
 import math
 import secrets
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Final, Protocol
 
@@ -58,6 +62,7 @@ from ..core.challenge.spec import ChallengeSpec, Precision, RevealSample, draw_s
 from ..core.logs import log_fields
 from .config import RoundSettings
 from .db import AsyncStore
+from .leases import leased_devices
 from .miners import BatchResult, MinerRequestError, RevealAnswer
 from .store import (
     ChallengeState,
@@ -280,9 +285,11 @@ def _choose(
     miner_hotkey: str,
     excluded: set[tuple[str, str, str]],
     settings: RoundSettings,
+    signed_leased: Mapping[tuple[str, str], set[str]],
 ) -> tuple[list[_Target], list[DeviceReport]]:
-    """The worker's devices to challenge, and those skipped with why."""
-    leased = set(worker.leased_devices)
+    """The worker's devices to challenge, and those skipped with why. ``signed_leased``:
+    (miner, worker) -> devices in an active gateway-signed lease."""
+    leased = set(worker.leased_devices) | signed_leased.get((miner_hotkey, worker.worker_id), set())
     chosen: list[_Target] = []
     skipped: list[DeviceReport] = []
 
@@ -423,10 +430,13 @@ class RoundEngine:
         *,
         clock: Callable[[], float] = time.time,
         sweep_timeout_s: float = DEFAULT_SWEEP_TIMEOUT_S,
+        lease_grace_s: Mapping[str, float] | None = None,
     ) -> None:
         """``clock`` is wall time (unix seconds) for what the store keeps; durations come from
-        the sessions' monotonic clock and deadlines from the event loop's."""
+        the sessions' monotonic clock and deadlines from the event loop's. ``lease_grace_s``:
+        gateway id -> grace of the gateways whose signed leases keep devices out of rounds."""
         self.store = store
+        self._lease_grace = dict(lease_grace_s or {})
         self.hub = hub
         self.settings = settings
         self._clock = clock
@@ -489,9 +499,10 @@ class RoundEngine:
             swept = 0
             try:
                 excluded = await self.store.excluded_devices()
+                signed_leased = await self._signed_leased(started)
                 miners = list(self.hub.sessions())
                 reports = await asyncio.gather(
-                    *(self._run_miner(round_id, m, excluded) for m in miners)
+                    *(self._run_miner(round_id, m, excluded, signed_leased) for m in miners)
                 )
             finally:
                 if self._open:
@@ -507,6 +518,13 @@ class RoundEngine:
             self.last_report = report
             log.info(report.summary(), extra=log_fields(round_id=round_id))
             return report
+
+    async def _signed_leased(self, now: float) -> dict[tuple[str, str], set[str]]:
+        """Devices in an active gateway-signed lease (none when no gateway is configured)."""
+        if not self._lease_grace:
+            return {}
+        since = now - max(self._lease_grace.values())
+        return leased_devices(await self.store.active_leases(since), now, self._lease_grace)
 
     async def _sweep(self, round_id: int) -> int:
         """Expire what this round could not finish (validator failure: counted against no one)."""
@@ -531,14 +549,18 @@ class RoundEngine:
         return swept
 
     async def _run_miner(
-        self, round_id: int, miner: RoundMiner, excluded: set[tuple[str, str, str]]
+        self,
+        round_id: int,
+        miner: RoundMiner,
+        excluded: set[tuple[str, str, str]],
+        signed_leased: Mapping[tuple[str, str], set[str]],
     ) -> MinerReport:
         hotkey = miner.hotkey
         workers: list[_Worker] = []
         dispatched: list[bytes] = []
         error: str | None = None
         try:
-            workers = self._plan(miner, excluded)
+            workers = self._plan(miner, excluded, signed_leased)
             online = [w for w in workers if not w.skip_reason]
             await self._echo(miner, online)
             present = [w for w in online if not w.skip_reason]
@@ -569,13 +591,20 @@ class RoundEngine:
             hotkey=hotkey, uid=miner.uid, workers=tuple(w.report() for w in workers), error=error
         )
 
-    def _plan(self, miner: RoundMiner, excluded: set[tuple[str, str, str]]) -> list[_Worker]:
+    def _plan(
+        self,
+        miner: RoundMiner,
+        excluded: set[tuple[str, str, str]],
+        signed_leased: Mapping[tuple[str, str], set[str]],
+    ) -> list[_Worker]:
         roster = miner.roster
         if roster is None:
             return []
         workers = []
         for summary in roster.workers:
-            targets, skipped = _choose(summary, miner.hotkey, excluded, self.settings)
+            targets, skipped = _choose(
+                summary, miner.hotkey, excluded, self.settings, signed_leased
+            )
             worker = _Worker(summary.worker_id, targets, skipped)
             if not summary.online:
                 worker.skip_reason = "offline"

@@ -19,6 +19,10 @@ The model
   not the worker).
 * **cycles**: every scoring cycle with every factor of every worker and miner (``byteleapctl
   scores`` explains any weight from this), and the outcome of its weights submission.
+* **leases**: per ``(gateway_id, lease_id)`` the newest signed record read from that gateway's feed
+  (the exact signed bytes are kept, so it can be verified again), and per gateway the feed cursor
+  (the last sequence number stored). Records and cursor move together in one transaction
+  (:meth:`Store.record_lease_page`); an older record never replaces a newer one.
 
 All methods are synchronous and thread-safe; the validator calls them from worker threads.
 Transient backend failures (PostgreSQL restarting, SQLite busy) raise :class:`StoreUnavailable`
@@ -33,11 +37,12 @@ from __future__ import annotations
 import enum
 import re
 import urllib.parse
-from collections.abc import Iterable, Mapping, Sequence
-from typing import Final, Protocol
+from collections.abc import Collection, Iterable, Mapping, Sequence
+from typing import Final, NamedTuple, Protocol
 
 import msgspec
 
+from ..core.lease import LeaseRecord, SignedLeaseRecord
 from ..core.scoring import DEFAULT_PARAMS, NetworkScore, ScoringParams, WorkerInput
 
 __all__ = [
@@ -53,13 +58,14 @@ __all__ = [
     "StoreError",
     "StoreStatus",
     "StoreUnavailable",
+    "VerifiedLease",
     "WeightsRecord",
     "WorkerRoundOutcome",
     "open_store",
     "redact_url",
 ]
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 """The schema version this code needs; ``byteleapctl db upgrade`` brings a database to it."""
 
 
@@ -184,6 +190,13 @@ class CycleRecord(msgspec.Struct, frozen=True, kw_only=True):
     weights: WeightsRecord | None = None
 
 
+class VerifiedLease(NamedTuple):
+    """A lease record whose signature the feed reader checked, with the bytes it checked."""
+
+    record: LeaseRecord
+    signed: SignedLeaseRecord
+
+
 class StoreStatus(msgspec.Struct, frozen=True, kw_only=True):
     backend: str
     """``sqlite`` or ``postgresql``."""
@@ -278,9 +291,40 @@ class Store(Protocol):
 
     # ---- scoring ---------------------------------------------------------------------------
 
-    def scoring_inputs(self, now: float, params: ScoringParams) -> list[WorkerInput]:
+    def scoring_inputs(
+        self,
+        now: float,
+        params: ScoringParams,
+        *,
+        lease_gateways: Collection[str] | None = None,
+    ) -> list[WorkerInput]:
         """One :class:`WorkerInput` per worker seen within the window: bitmap, outcomes in the
-        challenge window (successes, failures, throughputs of successes)."""
+        challenge window (successes, failures, throughputs of successes) and the
+        ``[start, active_until]`` of every stored lease signed for exactly that (miner, worker)
+        that overlaps the window. ``lease_gateways``: only leases of these gateway ids count
+        (the configured ones); None: every stored gateway's."""
+        ...
+
+    # ---- leases ----------------------------------------------------------------------------
+
+    def lease_cursor(self, gateway_id: str) -> int:
+        """The last sequence number stored from this gateway's feed (0 before the first)."""
+        ...
+
+    def record_lease_page(
+        self, gateway_id: str, after: int, leases: Sequence[VerifiedLease], now: float
+    ) -> int:
+        """Store verified records ``after + 1, after + 2, ...`` of one gateway and move its cursor
+        to the last of them, in one transaction; returns the new cursor.
+
+        Per lease the record with the highest seq is kept. Records out of sequence, of another
+        gateway, or a cursor that is no longer ``after`` raise :class:`StoreError` and change
+        nothing; a retried call whose first attempt committed is a no-op."""
+        ...
+
+    def active_leases(self, since: float) -> list[LeaseRecord]:
+        """The newest record of every lease that has not ended and whose ``active_until`` is
+        at or after ``since``."""
         ...
 
     def record_cycle(
@@ -306,9 +350,10 @@ class Store(Protocol):
         self, now: float, *, keep_challenges_s: float, keep_cycles: int, history_window_s: float
     ) -> int:
         """Delete terminal challenges older than ``keep_challenges_s``, all but the newest
-        ``keep_cycles`` cycles, history entries older than ``history_window_s`` and workers not
-        seen for longer than the availability window; returns the number of challenges,
-        cycles, history entries, workers and miners deleted. The cycle holding the last
+        ``keep_cycles`` cycles, history entries older than ``history_window_s``, workers not
+        seen for longer than the availability window and leases whose ``active_until`` is
+        before that window (they can no longer count); returns the number of challenges,
+        cycles, history entries, workers, miners and leases deleted. The cycle holding the last
         submitted weights is kept whatever its age."""
         ...
 

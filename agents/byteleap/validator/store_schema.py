@@ -177,6 +177,43 @@ MIGRATIONS: Final[tuple[Migration, ...]] = (
             "CREATE INDEX weights_status_at ON weights (status, at)",
         ),
     ),
+    Migration(
+        2,
+        "signed lease records from gateways, newest per lease, and each gateway's feed cursor",
+        (
+            # No foreign key to workers: a gateway may sign a lease for a worker this validator
+            # has not seen yet; scoring only credits workers it knows. signed_record and
+            # signature are the exact bytes verified, so any record can be checked again.
+            """
+            CREATE TABLE lease_records (
+                gateway_id TEXT NOT NULL,
+                lease_id TEXT NOT NULL,
+                seq {bigint} NOT NULL,
+                miner_hotkey TEXT NOT NULL,
+                worker_id TEXT NOT NULL,
+                device_uuids TEXT NOT NULL,
+                lease_start {double} NOT NULL,
+                active_until {double} NOT NULL,
+                ended {bool} NOT NULL,
+                issued_at {double} NOT NULL,
+                signed_record {blob} NOT NULL,
+                signature {blob} NOT NULL,
+                received_at {double} NOT NULL,
+                PRIMARY KEY (gateway_id, lease_id),
+                CHECK (active_until >= lease_start)
+            )
+            """,
+            "CREATE INDEX lease_records_worker ON lease_records (miner_hotkey, worker_id)",
+            "CREATE INDEX lease_records_active_until ON lease_records (active_until)",
+            """
+            CREATE TABLE lease_feeds (
+                gateway_id TEXT PRIMARY KEY,
+                last_seq {bigint} NOT NULL,
+                updated_at {double} NOT NULL
+            )
+            """,
+        ),
+    ),
 )
 
 

@@ -40,6 +40,17 @@ The first (miner, worker) to report a UUID owns it (``device_claims``); any othe
 miner stops reporting the device for that worker (a reinstalled worker, a moved GPU) or the owning
 worker is pruned; releasing it drops its conflicts, and the next roster of a former loser claims
 it. So two workers reporting one GPU at the same time never both count.
+
+Leases
+------
+``lease_records`` holds the newest record of every ``(gateway_id, lease_id)``: typed columns for
+scoring and rounds, plus the exact signed bytes and signature. The upsert only replaces a row with a
+higher ``seq`` (``ON CONFLICT ... DO UPDATE ... WHERE lease_records.seq < excluded.seq``), so a
+late, older record never undoes a newer one. ``lease_feeds`` holds each gateway's cursor;
+:meth:`SqlStore.record_lease_page` stores a page and moves the cursor in one transaction, and only
+from the cursor the reader started at (compare and set), so records and cursor never disagree.
+Scoring reads the intervals of leases overlapping the window in the same transaction as the
+workers; rows of leases whose ``active_until`` left the window are pruned.
 """
 
 from __future__ import annotations
@@ -48,7 +59,7 @@ import math
 import time
 import zlib
 from abc import ABC, abstractmethod
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Collection, Iterable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -58,6 +69,7 @@ import msgspec
 import numpy as np
 import numpy.typing as npt
 
+from ..core.lease import LeaseRecord, LeaseRecordError, SignedLeaseRecord
 from ..core.scoring import (
     AvailabilityBitmap,
     NetworkScore,
@@ -74,6 +86,7 @@ from .store import (
     RosterWorker,
     StoreError,
     StoreStatus,
+    VerifiedLease,
     WeightsRecord,
     WorkerRoundOutcome,
 )
@@ -295,6 +308,13 @@ _NETWORK_DECODER: Final = msgspec.msgpack.Decoder(NetworkScore)
 _UIDS_DECODER: Final = msgspec.msgpack.Decoder(dict[str, int])
 _WEIGHTS_DECODER: Final = msgspec.msgpack.Decoder(dict[int, float])
 _ENCODER: Final = msgspec.msgpack.Encoder()
+_DEVICES_ENCODER: Final = msgspec.json.Encoder()
+_DEVICES_DECODER: Final = msgspec.json.Decoder(list[str])
+_LEASE_DECODER: Final = msgspec.json.Decoder(LeaseRecord)
+_LEASE_SELECT: Final = (
+    "SELECT gateway_id, lease_id, seq, miner_hotkey, worker_id, device_uuids, lease_start,"
+    " active_until, ended, issued_at FROM lease_records"
+)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -800,28 +820,160 @@ class SqlStore(ABC):
 
     # ---- scoring -------------------------------------------------------------------------
 
-    def scoring_inputs(self, now: float, params: ScoringParams) -> list[WorkerInput]:
+    def scoring_inputs(
+        self,
+        now: float,
+        params: ScoringParams,
+        *,
+        lease_gateways: Collection[str] | None = None,
+    ) -> list[WorkerInput]:
         """Workers whose ``last_seen`` (online in a roster, or present) is in the window.
 
-        Outcomes count when ``challenge_window_start <= finished_at <= now``. Lease intervals
-        are not the store's (the gateway signs them): the caller adds them.
+        Outcomes count when ``challenge_window_start <= finished_at <= now``. A lease counts
+        for the (miner, worker) its record names and nobody else, when its ``active_until`` is
+        in the window and its gateway is in ``lease_gateways`` (None: any); a lease of a worker
+        without a row here credits nothing (it was never seen, so it has no availability).
         """
         at = _time("now", now)
+        window_start = at - params.window_seconds
+        trusted = None if lease_gateways is None else frozenset(lease_gateways)
+        leases: dict[tuple[str, str], list[tuple[float, float]]] = {}
         with self._transaction(write=False) as tx:
             rows = list(
                 tx.stream(
                     "SELECT miner_hotkey, worker_id, availability, history FROM workers"
                     " WHERE last_seen >= ? ORDER BY miner_hotkey, worker_id",
-                    (at - params.window_seconds,),
+                    (window_start,),
                 )
             )
+            if trusted is None or trusted:
+                for gateway_id, miner, wid, start, until in tx.all(
+                    "SELECT gateway_id, miner_hotkey, worker_id, lease_start, active_until"
+                    " FROM lease_records WHERE active_until >= ?"
+                    " ORDER BY miner_hotkey, worker_id, lease_start",
+                    (window_start,),
+                ):
+                    if trusted is None or gateway_id in trusted:
+                        leases.setdefault((miner, wid), []).append((float(start), float(until)))
         inputs: list[WorkerInput] = []
         # In batches, dropping each batch's rows when done: bounds the decoding's extra memory.
         for start in range(0, len(rows), _SCORING_BATCH):
             batch = rows[start : start + _SCORING_BATCH]
             rows[start : start + _SCORING_BATCH] = [()] * len(batch)
-            inputs.extend(_worker_inputs(batch, at, params))
+            inputs.extend(_worker_inputs(batch, at, params, leases))
         return inputs
+
+    # ---- leases --------------------------------------------------------------------------
+
+    def lease_cursor(self, gateway_id: str) -> int:
+        gid = _text("gateway_id", gateway_id)
+        with self._transaction(write=False) as tx:
+            row = tx.one("SELECT last_seq FROM lease_feeds WHERE gateway_id = ?", (gid,))
+        return 0 if row is None else int(row[0])
+
+    def record_lease_page(
+        self, gateway_id: str, after: int, leases: Sequence[VerifiedLease], now: float
+    ) -> int:
+        gid = _text("gateway_id", gateway_id)
+        start = _integer("after", after)
+        at = _time("now", now)
+        if not leases:
+            raise StoreError(f"no lease records to store for gateway {gid}")
+        rows: list[tuple[object, ...]] = []
+        for offset, (record, signed) in enumerate(leases):
+            if record.gateway_id != gid:
+                raise StoreError(
+                    f"a lease record of gateway {record.gateway_id} in the feed of {gid}"
+                )
+            if record.seq != start + 1 + offset:
+                raise StoreError(
+                    f"lease records of gateway {gid} must follow seq {start} without a gap: "
+                    f"got {record.seq} at position {offset + 1}"
+                )
+            try:
+                record.check()
+            except LeaseRecordError as exc:
+                raise StoreError(str(exc)) from None
+            rows.append(
+                (
+                    gid,
+                    record.lease_id,
+                    record.seq,
+                    record.miner_hotkey,
+                    record.worker_id,
+                    _DEVICES_ENCODER.encode(record.device_uuids).decode(),
+                    record.start,
+                    record.active_until,
+                    record.ended,
+                    record.issued_at,
+                    _blob("signed record", signed.record),
+                    _blob("signature", signed.signature),
+                    at,
+                )
+            )
+        last = start + len(rows)
+        with self._transaction(write=True) as tx:
+            row = tx.one("SELECT last_seq FROM lease_feeds WHERE gateway_id = ? FOR UPDATE", (gid,))
+            current = 0 if row is None else int(row[0])
+            if current == last:  # a retry whose first attempt committed
+                return last
+            if current != start:
+                raise StoreError(
+                    f"the lease feed cursor of gateway {gid} is at {current}, not {start}: "
+                    "another reader stored records meanwhile"
+                )
+            # Oldest first, and only ever replacing a lower seq: the newest record wins.
+            tx.many(
+                "INSERT INTO lease_records (gateway_id, lease_id, seq, miner_hotkey, worker_id,"
+                " device_uuids, lease_start, active_until, ended, issued_at, signed_record,"
+                " signature, received_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+                " ON CONFLICT (gateway_id, lease_id) DO UPDATE SET seq = excluded.seq,"
+                " miner_hotkey = excluded.miner_hotkey, worker_id = excluded.worker_id,"
+                " device_uuids = excluded.device_uuids, lease_start = excluded.lease_start,"
+                " active_until = excluded.active_until, ended = excluded.ended,"
+                " issued_at = excluded.issued_at, signed_record = excluded.signed_record,"
+                " signature = excluded.signature, received_at = excluded.received_at"
+                " WHERE lease_records.seq < excluded.seq",
+                rows,
+            )
+            tx.execute(
+                "INSERT INTO lease_feeds (gateway_id, last_seq, updated_at) VALUES (?, ?, ?)"
+                " ON CONFLICT (gateway_id) DO UPDATE SET last_seq = excluded.last_seq,"
+                " updated_at = excluded.updated_at",
+                (gid, last, at),
+            )
+        return last
+
+    def active_leases(self, since: float) -> list[LeaseRecord]:
+        """Ordered by gateway and lease id."""
+        cutoff = _time("since", since)
+        with self._transaction(write=False) as tx:
+            rows = tx.all(
+                _LEASE_SELECT
+                + " WHERE ended = ? AND active_until >= ? ORDER BY gateway_id, lease_id",
+                (False, cutoff),
+            )
+        return [_lease_record(r) for r in rows]
+
+    def leases(self, gateway_id: str | None = None) -> list[VerifiedLease]:
+        """Every stored lease (of one gateway) with the bytes its gateway signed, ordered by
+        gateway and lease id (``byteleapctl`` and tests)."""
+        query = "SELECT signed_record, signature FROM lease_records"
+        params: tuple[object, ...] = ()
+        if gateway_id is not None:
+            query += " WHERE gateway_id = ?"
+            params = (gateway_id,)
+        with self._transaction(write=False) as tx:
+            rows = tx.all(query + " ORDER BY gateway_id, lease_id", params)
+        out = []
+        for data, signature in rows:
+            signed = SignedLeaseRecord(record=bytes(data), signature=bytes(signature))
+            try:
+                record = _LEASE_DECODER.decode(signed.record)
+            except msgspec.DecodeError as exc:
+                raise StoreError(f"a stored lease record is corrupt: {exc}") from None
+            out.append(VerifiedLease(record, signed))
+        return out
 
     def record_cycle(
         self, result: NetworkScore, *, block: int | None, uids: Mapping[str, int]
@@ -943,8 +1095,9 @@ class SqlStore(ABC):
         than the newest ``keep_cycles`` and the one holding the last submitted weights (their
         weights go with them); history entries before ``now - history_window_s``; workers whose
         ``last_seen`` is older than the store's availability window (with their devices, claims
-        and conflicts) and miners left without workers. Returns challenges + cycles + history
-        entries + workers + miners deleted."""
+        and conflicts), miners left without workers, and leases whose ``active_until`` is older
+        than that window (the feed cursors stay). Returns challenges + cycles + history entries
+        + workers + miners + leases deleted."""
         at = _time("now", now)
         keep_s = _non_negative("keep_challenges_s", keep_challenges_s)
         keep_n = _integer("keep_cycles", keep_cycles)
@@ -965,6 +1118,9 @@ class SqlStore(ABC):
                 (keep_n, "submitted"),
             )
             deleted += tx.execute("DELETE FROM workers WHERE last_seen < ?", (worker_cutoff,))
+            deleted += tx.execute(
+                "DELETE FROM lease_records WHERE active_until < ?", (worker_cutoff,)
+            )
             deleted += tx.execute(
                 "DELETE FROM miners WHERE last_seen < ? AND NOT EXISTS"
                 " (SELECT 1 FROM workers WHERE workers.miner_hotkey = miners.hotkey)",
@@ -1020,10 +1176,13 @@ class SqlStore(ABC):
 
 
 def _worker_inputs(
-    rows: Sequence[tuple[Any, ...]], now: float, params: ScoringParams
+    rows: Sequence[tuple[Any, ...]],
+    now: float,
+    params: ScoringParams,
+    leases: Mapping[tuple[str, str], Sequence[tuple[float, float]]],
 ) -> list[WorkerInput]:
     """WorkerInputs of ``(miner, worker, availability, history)`` rows: every history decoded
-    and counted in one numpy pass."""
+    and counted in one numpy pass; lease intervals from ``leases`` by (miner, worker)."""
     counts = np.zeros(len(rows), dtype=np.int64)
     parts: list[memoryview] = []
     for i, (_, _, _, history) in enumerate(rows):
@@ -1051,6 +1210,7 @@ def _worker_inputs(
             miner_hotkey=miner,
             worker_id=wid,
             availability=_bitmap_for(blob, params, f"worker {wid!r} of {miner!r}"),
+            lease_intervals=tuple(leases.get((miner, wid), ())),
             throughputs=flops[i].tolist(),
             successes=successes[i],
             failures=failures[i],
@@ -1090,6 +1250,26 @@ def _inflate(blob: bytes, cycle_id: int) -> bytes:
         return zlib.decompress(blob)
     except zlib.error as exc:
         raise StoreError(f"cycle {cycle_id} is corrupt: {exc}") from None
+
+
+def _lease_record(row: tuple[Any, ...]) -> LeaseRecord:
+    """A :data:`_LEASE_SELECT` row as the record it came from."""
+    try:
+        devices = _DEVICES_DECODER.decode(row[5])
+    except msgspec.DecodeError as exc:
+        raise StoreError(f"lease {row[0]}/{row[1]} has corrupt devices: {exc}") from None
+    return LeaseRecord(
+        gateway_id=row[0],
+        lease_id=row[1],
+        seq=int(row[2]),
+        miner_hotkey=row[3],
+        worker_id=row[4],
+        device_uuids=devices,
+        start=float(row[6]),
+        active_until=float(row[7]),
+        ended=bool(row[8]),
+        issued_at=float(row[9]),
+    )
 
 
 def _conflict(row: tuple[Any, ...]) -> DeviceConflict:

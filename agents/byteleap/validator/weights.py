@@ -1,8 +1,10 @@
 """Scoring cycles and weight submission.
 
-A scoring cycle reads one row per worker from the store, scores the network with the pure
+A scoring cycle reads one row per worker from the store (with the gateway-signed lease intervals of
+that exact miner and worker, from the configured gateways), scores the network with the pure
 functions of :mod:`byteleap.core.scoring`, keeps only miners registered in the current chain
-snapshot, and stores every factor (``byteleapctl scores`` explains any weight from that record).
+snapshot (so a lease credits its miner only while it is registered), and stores every factor
+(``byteleapctl scores`` explains any weight from that record).
 
 Weights then go to the chain through the :class:`~byteleap.chain.port.ChainPort`. The chain may
 refuse for a while (rate limit) or be unreachable; neither stops anything else: the
@@ -16,7 +18,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Collection, Mapping
 from dataclasses import dataclass
 
 from ..chain.port import (
@@ -43,15 +45,25 @@ def uid_weights(result: NetworkScore, uids: Mapping[str, int]) -> dict[int, floa
 
 
 def run_cycle(
-    store: Store, snapshot: SubnetSnapshot, now: float, params: ScoringParams
+    store: Store,
+    snapshot: SubnetSnapshot,
+    now: float,
+    params: ScoringParams,
+    *,
+    lease_gateways: Collection[str] | None = None,
 ) -> tuple[int, NetworkScore, dict[str, int]]:
     """Score every worker of the miners registered in ``snapshot`` and record the cycle.
 
+    ``lease_gateways``: the ids of the gateways whose leases count (None: every stored one).
     Synchronous (store I/O and scoring): run it in a thread. Returns (cycle id, result,
     hotkey -> uid of the miners that were scored).
     """
     registered = {n.hotkey: n.uid for n in snapshot.neurons}
-    inputs = [w for w in store.scoring_inputs(now, params) if w.miner_hotkey in registered]
+    inputs = [
+        w
+        for w in store.scoring_inputs(now, params, lease_gateways=lease_gateways)
+        if w.miner_hotkey in registered
+    ]
     result = score_network(inputs, now=now, params=params)
     uids = {m.miner_hotkey: registered[m.miner_hotkey] for m in result.miners}
     cycle_id = store.record_cycle(result, block=snapshot.block, uids=uids)

@@ -21,8 +21,8 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
+from byteleap.core import gateway_protocol as p
 from byteleap.core.lease import FeedPage, verify_record
-from byteleap.gateway import protocol as p
 from byteleap.gateway.agent import Gateway, prepare_keys
 from byteleap.gateway.ca import client_tls_context
 from byteleap.gateway.config import (

@@ -8,8 +8,8 @@ import msgspec
 from cryptography import x509
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from byteleap.core import gateway_protocol as p
 from byteleap.core.identity import WorkerKey
-from byteleap.gateway import protocol as p
 
 from .conftest import MINER, Gw
 from .worker_double import FakeWorker

@@ -11,8 +11,8 @@ import asyncio
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from byteleap.core import gateway_protocol as p
 from byteleap.core.lease import LeaseRecordError, SignedLeaseRecord, verify_record
-from byteleap.gateway import protocol as p
 
 from .conftest import MINER, Gw
 from .worker_double import WorkerConnection, gpu

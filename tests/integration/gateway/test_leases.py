@@ -9,7 +9,7 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from byteleap.gateway import protocol as p
+from byteleap.core import gateway_protocol as p
 
 from .conftest import SSH_KEY, Gw
 from .worker_double import FakeWorker, WorkerConnection, gpu

@@ -10,9 +10,9 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from byteleap.core import gateway_protocol as p
 from byteleap.core.channel import CloseCode
 from byteleap.core.identity import WorkerKey
-from byteleap.gateway import protocol as p
 from byteleap.gateway.ca import GatewayCA, client_tls_context, load_csr
 
 from .conftest import Gw

@@ -21,8 +21,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
+from byteleap.core import gateway_protocol as p
 from byteleap.core.identity import WorkerKey
-from byteleap.gateway import protocol as p
 from byteleap.gateway.ca import client_tls_context
 
 M = TypeVar("M", bound=p.Message)

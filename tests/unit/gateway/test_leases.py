@@ -8,8 +8,8 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
+from byteleap.core import gateway_protocol as p
 from byteleap.core.lease import LeaseRecord, verify_record
-from byteleap.gateway import protocol as p
 from byteleap.gateway.config import LeaseSettings
 from byteleap.gateway.keys import LeaseSigner
 from byteleap.gateway.leases import LeaseError, LeaseManager

@@ -9,9 +9,9 @@ import msgspec
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
+from byteleap.core.gateway_protocol import LeaseState
 from byteleap.core.lease import LeaseRecord, SignedLeaseRecord, verify_record
 from byteleap.gateway.keys import LeaseSigner, secret_hash
-from byteleap.gateway.protocol import LeaseState
 from byteleap.gateway.store import (
     SCHEMA_VERSION,
     GatewayStore,

@@ -9,7 +9,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from hypothesis import given
 from hypothesis import strategies as st
 
-from byteleap.gateway import protocol as p
+from byteleap.core import gateway_protocol as p
 
 LEASE = "c" * 32
 SLOT = p.GpuSlot(

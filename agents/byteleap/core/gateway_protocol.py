@@ -52,8 +52,8 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from msgspec import Meta
 
-from ..core.lease import MAX_LEASE_DEVICES, GatewayId, LeaseId
-from ..core.wire import AgentVersion, DeviceUuid, Hotkey, WorkerId
+from .lease import MAX_LEASE_DEVICES, GatewayId, LeaseId
+from .wire import AgentVersion, DeviceUuid, Hotkey, WorkerId
 
 __all__ = [
     "DOWN",
