@@ -180,7 +180,7 @@ def test_frame_layout_is_a_map_with_raw_bytes() -> None:
     frame = Frame(id=9, msg=wire.ChallengeRelease(challenge_id=b"\x01" * 16))
     raw = msgspec.msgpack.decode(encode(frame))
     assert raw == {
-        "v": 1,
+        "v": wire.PROTOCOL_VERSION,
         "id": 9,
         "msg": {"type": "challenge_release", "challenge_id": b"\x01" * 16},
     }
@@ -271,7 +271,7 @@ _TAGS = st.sampled_from(
 @settings(max_examples=200, deadline=None)
 @given(
     route=st.sampled_from(ROUTES),
-    v=st.one_of(st.just(1), _JSONISH),
+    v=st.one_of(st.just(wire.PROTOCOL_VERSION), _JSONISH),
     frame_id=st.one_of(st.integers(0, 2**63 - 1), _JSONISH),
     tag=_TAGS,
     fields=st.dictionaries(_FIELD_NAMES, _JSONISH, max_size=4),
@@ -285,8 +285,9 @@ def test_structured_garbage_raises_only_wire_error(
 
 def test_deeply_nested_input_is_a_wire_error() -> None:
     deep = b"\x91" * 500_000 + b"\xc0"
-    nested_msg = b"\x83\xa1v\x01\xa2id\x01\xa3msg" + deep
-    nested_extra = b"\x84\xa1v\x01\xa2id\x01\xa3msg\x80\xa1x" + deep
+    version = bytes([wire.PROTOCOL_VERSION])  # a positive fixint
+    nested_msg = b"\x83\xa1v" + version + b"\xa2id\x01\xa3msg" + deep
+    nested_extra = b"\x84\xa1v" + version + b"\xa2id\x01\xa3msg\x80\xa1x" + deep
     for data in (nested_msg, nested_extra, deep):
         with pytest.raises(WireError) as info:
             decode(Link.WORKER_MINER, Direction.UP, data)
@@ -302,7 +303,7 @@ DOWN = (Link.WORKER_MINER, Direction.DOWN)
 
 
 def _raw_frame(msg: dict[str, Any], **envelope: Any) -> bytes:
-    return msgspec.msgpack.encode({"v": 1, "id": 5, **envelope, "msg": msg})
+    return msgspec.msgpack.encode({"v": wire.PROTOCOL_VERSION, "id": 5, **envelope, "msg": msg})
 
 
 def _code(route: tuple[Link, Direction], data: bytes) -> WireError:
@@ -325,7 +326,9 @@ def test_max_frame_bytes_is_the_largest_route_limit() -> None:
     assert wire.max_frame_bytes(*DOWN) < wire.max_frame_bytes(*UP)
 
 
-@pytest.mark.parametrize("version", [0, 2, 99, -1])
+@pytest.mark.parametrize(
+    "version", [0, wire.PROTOCOL_VERSION - 1, wire.PROTOCOL_VERSION + 1, 99, -1]
+)
 def test_wrong_version_is_unsupported(version: int) -> None:
     err = _code(DOWN, _raw_frame({"type": "ping", "nonce": 1}, v=version))
     assert err.code is ErrorCode.UNSUPPORTED_VERSION
@@ -383,7 +386,8 @@ def test_extra_fields_are_rejected() -> None:
 
 def test_missing_fields_and_envelope_fields_are_rejected() -> None:
     assert _code(
-        UP, msgspec.msgpack.encode({"v": 1, "msg": {"type": "pong", "nonce": 1}})
+        UP,
+        msgspec.msgpack.encode({"v": wire.PROTOCOL_VERSION, "msg": {"type": "pong", "nonce": 1}}),
     ).code is (ErrorCode.BAD_FRAME)
     assert _code(UP, _raw_frame({"type": "challenge_commit"})).code is ErrorCode.BAD_FRAME
     assert _code(UP, msgspec.msgpack.encode([1, 5, {"type": "pong", "nonce": 1}])).code is (
@@ -506,13 +510,17 @@ def test_error_codes_are_unique_and_stable() -> None:
         "CHALLENGE_EXPIRED": 3004,
         "DEVICE_UNKNOWN": 3005,
         "WORKER_OFFLINE": 3006,
+        "NO_GATEWAY": 4000,
+        "GATEWAY_UNAVAILABLE": 4001,
+        "GATEWAY_REFUSED": 4002,
+        "NO_VALIDATOR": 4003,
         "INTERNAL": 5000,
         "SHUTTING_DOWN": 5001,
     }
     # every code is pinned: adding, renaming or renumbering one must update this table
     assert {name: code.value for name, code in ErrorCode.__members__.items()} == pinned
     for code in ErrorCode:  # grouped by range
-        assert code.value // 1000 in (1, 2, 3, 5)
+        assert code.value // 1000 in (1, 2, 3, 4, 5)
 
 
 def test_error_message_is_capped_and_unknown_code_refused() -> None:

@@ -33,6 +33,13 @@ def print_report(console: Console, report: DevnetReport) -> None:
     if not report.chain_weights:
         table.add_row("-", "-", "none yet")
     console.print(table)
+    lease = report.lease
+    if lease is not None:
+        how = f" ({lease.end_reason})" if lease.end_reason else ""
+        console.print(
+            f"lease {lease.lease_id} on {lease.worker} ({', '.join(lease.device_uuids)}): "
+            f"{lease.state}{how}"
+        )
 
 
 @app.command()
@@ -44,6 +51,14 @@ def up(
     flaky: Annotated[int, typer.Option(min=0, help="workers offline half the time")] = 0,
     interval: Annotated[int, typer.Option(min=2, help="seconds between rounds")] = 4,
     n: Annotated[int, typer.Option(min=64, help="CPU challenge matrix size")] = 512,
+    gateway: Annotated[
+        bool,
+        typer.Option(
+            "--gateway",
+            help="also run a gateway: workers get simulated GPUs (libvirt's test driver) and a "
+            "renter leases one for part of the run",
+        ),
+    ] = False,
     directory: Annotated[
         Path | None, typer.Option("--dir", help="run in this directory (kept afterwards)")
     ] = None,
@@ -62,6 +77,7 @@ def up(
             rounds=rounds,
             round_interval_s=interval,
             n=n,
+            gateway=gateway,
         )
     except DevnetError as exc:
         raise typer.BadParameter(str(exc)) from None

@@ -50,6 +50,15 @@ The size of a frame is checked before any parsing, against a limit per link and 
 
 Strings that end up in logs (model names, versions, device ids, error messages) are restricted to
 printable ASCII.
+
+Gateway enrollment
+------------------
+A worker obtains a gateway's one-time enrollment token through its miner and a validator
+(docs/worker-miner.md, docs/miner-validator.md): ``GatewayEnrollRequest`` (worker->miner, no
+fields: the miner knows who asks from the session), ``GatewayTokenRequest{worker_id}``
+(miner->validator), answered by ``GatewayTokenGrant`` and ``GatewayEnrollGrant`` carrying the same
+:class:`GatewayGrant`, or by an :class:`Error` (``NO_GATEWAY``, ``GATEWAY_UNAVAILABLE``,
+``GATEWAY_REFUSED``, ``NO_VALIDATOR``, ``RATE_LIMITED``).
 """
 
 from __future__ import annotations
@@ -108,6 +117,11 @@ __all__ = [
     "Error",
     "ErrorCode",
     "Frame",
+    "GatewayEnrollGrant",
+    "GatewayEnrollRequest",
+    "GatewayGrant",
+    "GatewayTokenGrant",
+    "GatewayTokenRequest",
     "GpuInfo",
     "GpuLive",
     "Heartbeat",
@@ -143,7 +157,7 @@ __all__ = [
     "reveal_frame_bound",
 ]
 
-PROTOCOL_VERSION: Final = 1
+PROTOCOL_VERSION: Final = 2
 
 # Session prologues: a secure session is bound to the link it was opened for.
 WORKER_MINER_PROLOGUE: Final = b"byteleap/worker-miner/v1"
@@ -211,6 +225,13 @@ _ErrorText = Annotated[str, Meta(max_length=MAX_ERROR_MESSAGE, pattern=_PRINTABL
 _RowValues = Annotated[bytes, Meta(min_length=MIN_N * 4, max_length=MAX_N * 4)]
 _MerklePath = Annotated[list[Digest], Meta(max_length=MAX_MERKLE_DEPTH)]
 _RowList = Annotated[list[RowIndex], Meta(min_length=1, max_length=MAX_REVEAL_ROWS)]
+_UnixTime = Annotated[float, Meta(ge=0.0, le=2.0**40)]
+_GatewayToken = Annotated[str, Meta(pattern=r"\A[A-Za-z0-9_-]{8,128}\Z")]
+"""A gateway enrollment token: what an ``Authorization: Bearer`` header may carry."""
+_HttpsUrl = Annotated[str, Meta(max_length=512, pattern=r"\Ahttps://[!-~]+\Z")]
+_WssUrl = Annotated[str, Meta(max_length=512, pattern=r"\Awss://[!-~]+\Z")]
+_CaPem = Annotated[str, Meta(max_length=8192, pattern=r"\A-----BEGIN CERTIFICATE-----\n[ -~\n]*\Z")]
+_GatewayId = Annotated[str, Meta(pattern=r"\A[0-9a-f]{32}\Z")]
 
 
 class _Struct(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
@@ -238,7 +259,7 @@ class ErrorCode(enum.IntEnum):
     """Stable error codes. Never renumber; ranges group them by layer.
 
     1xxx framing/protocol, 2xxx authentication/admission, 3xxx challenges and devices,
-    5xxx internal.
+    4xxx gateway enrollment, 5xxx internal.
     """
 
     BAD_FRAME = 1000
@@ -263,6 +284,15 @@ class ErrorCode(enum.IntEnum):
     CHALLENGE_EXPIRED = 3004
     DEVICE_UNKNOWN = 3005
     WORKER_OFFLINE = 3006
+
+    NO_GATEWAY = 4000
+    """The validator has no gateway configured."""
+    GATEWAY_UNAVAILABLE = 4001
+    """The gateway (or the validator asking it) did not answer: down, TLS failure, timeout."""
+    GATEWAY_REFUSED = 4002
+    """The gateway answered with a refusal (revoked worker, bad validator key...)."""
+    NO_VALIDATOR = 4003
+    """The miner has no connected validator that could ask a gateway."""
 
     INTERNAL = 5000
     SHUTTING_DOWN = 5001
@@ -399,6 +429,29 @@ class ChallengeReveal(Message, tag="challenge_reveal", frozen=True, kw_only=True
         _check_rows(self.rows)
 
 
+class GatewayEnrollRequest(Message, tag="gateway_enroll_request", frozen=True, kw_only=True):
+    """Ask for a gateway enrollment token. No fields: the miner names the worker by its session."""
+
+
+# --------------------------------------------------------------------------------------------
+# Gateway grants (travel validator -> miner -> worker)
+
+
+class GatewayGrant(_Struct, frozen=True, kw_only=True):
+    """A gateway's one-time enrollment token and where to use it (the gateway's TokenResponse).
+
+    ``ca_pem`` is the gateway CA the validator pins for that gateway: the worker trusts only it
+    when it enrolls at ``enroll_url`` and connects to ``ws_url``.
+    """
+
+    gateway_id: _GatewayId
+    token: _GatewayToken
+    expires_at: _UnixTime
+    enroll_url: _HttpsUrl
+    ws_url: _WssUrl
+    ca_pem: _CaPem
+
+
 # --------------------------------------------------------------------------------------------
 # miner -> worker
 
@@ -462,6 +515,13 @@ class ChallengeRelease(Message, tag="challenge_release", frozen=True, kw_only=Tr
     challenge_id: ChallengeId
 
 
+class GatewayEnrollGrant(Message, tag="gateway_enroll_grant", frozen=True, kw_only=True):
+    """The answer to a ``GatewayEnrollRequest`` (same frame id): a token bound to ``worker_id``."""
+
+    worker_id: WorkerId
+    grant: GatewayGrant
+
+
 # --------------------------------------------------------------------------------------------
 # miner -> validator
 
@@ -519,6 +579,16 @@ class EchoReply(Message, tag="echo_reply", frozen=True, kw_only=True):
     """The miner relayed an :class:`EchoRequest` to the worker as a Ping and got its Pong."""
 
     nonce: Nonce
+    worker_id: WorkerId
+
+
+class GatewayTokenRequest(Message, tag="gateway_token_request", frozen=True, kw_only=True):
+    """One of this miner's workers wants to enroll with the validator's gateway.
+
+    ``worker_id`` comes from the worker's authenticated session at the miner; the validator binds
+    the token to it and to the miner hotkey of *this* session.
+    """
+
     worker_id: WorkerId
 
 
@@ -589,6 +659,13 @@ class EchoRequest(Message, tag="echo_request", frozen=True, kw_only=True):
     worker_id: WorkerId
 
 
+class GatewayTokenGrant(Message, tag="gateway_token_grant", frozen=True, kw_only=True):
+    """The answer to a ``GatewayTokenRequest`` (same frame id)."""
+
+    worker_id: WorkerId
+    grant: GatewayGrant
+
+
 # --------------------------------------------------------------------------------------------
 # Envelope, links, codec
 
@@ -623,6 +700,7 @@ _MESSAGES: Final[dict[_Route, tuple[type[Message], ...]]] = {
         Heartbeat,
         ChallengeCommit,
         ChallengeReveal,
+        GatewayEnrollRequest,
         Pong,
         Error,
     ),
@@ -631,6 +709,7 @@ _MESSAGES: Final[dict[_Route, tuple[type[Message], ...]]] = {
         ChallengeRequest,
         RevealRequest,
         ChallengeRelease,
+        GatewayEnrollGrant,
         Ping,
         Error,
     ),
@@ -641,6 +720,7 @@ _MESSAGES: Final[dict[_Route, tuple[type[Message], ...]]] = {
         DeviceReveal,
         DeviceFailure,
         EchoReply,
+        GatewayTokenRequest,
         Pong,
         Error,
     ),
@@ -649,6 +729,7 @@ _MESSAGES: Final[dict[_Route, tuple[type[Message], ...]]] = {
         RevealBatch,
         ReleaseBatch,
         EchoRequest,
+        GatewayTokenGrant,
         Ping,
         Error,
     ),

@@ -12,6 +12,14 @@ Roles for demonstrations and tests:
 * ``flaky`` workers are stopped and restarted by the devnet every other round, so they are
   offline about half the time.
 
+With ``gateway`` the devnet also runs a gateway (:mod:`byteleap.gateway.agent`) with its own CA,
+a validator API key and a renter key; the validator reads its signed lease feed (``gateways:``,
+polled every second) and hands out its enrollment tokens. Every worker gets a ``vm:`` section on
+libvirt's test driver with simulated GPUs (:mod:`byteleap.worker.vm.simulated`) and enrolls with
+the gateway through its miner and the validator. A simulated renter then rents one GPU of the
+first honest worker through the REST API with a fresh Ed25519 SSH key, for about half of the
+rounds: the printed scores show that worker's lease time, and its miner ranks higher.
+
 Workers are spread over the miners round-robin, cheaters and flaky ones first, so that with two
 miners the first gets the cheater and the second the flaky worker.
 
@@ -23,9 +31,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import logging
 import os
 import secrets
+import shutil
 import signal
 import socket
 import sys
@@ -36,16 +46,34 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import msgspec
 import yaml
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from ..chain.devnet import DevnetChain
 from ..core.files import write_new_file
 from ..core.identity import HotkeySigner, IdentityError, WorkerKey
+from ..gateway.agent import StartupError, prepare_keys
+from ..gateway.ca import client_tls_context
+from ..gateway.config import GatewayConfig
+from ..gateway.keys import KEY_PREFIXES, new_secret, secret_hash
+from ..gateway.store import StoreError as GatewayStoreError
+from ..gateway.store import open_store as open_gateway_store
 from ..validator.store import CycleRecord, Store, StoreError, open_store
 from ..worker.agent import KEY_FILE
+from ..worker.vm import VmError, run_tool
+from ..worker.vm.simulated import simulated_host_xml
 
-__all__ = ["Devnet", "DevnetError", "DevnetPlan", "DevnetReport", "WorkerRole"]
+__all__ = [
+    "Devnet",
+    "DevnetError",
+    "DevnetLease",
+    "DevnetPlan",
+    "DevnetReport",
+    "WorkerRole",
+]
 
 log = logging.getLogger("byteleap.devnet")
 
@@ -57,6 +85,13 @@ BLOCK_TIME_S = 0.25
 WEIGHTS_RATE_LIMIT_BLOCKS = 4  # 1 s: every devnet round may set weights
 START_TIMEOUT_S = 60.0
 STOP_TIMEOUT_S = 15.0
+GATEWAY_NAME = "devnet"
+GPUS_PER_WORKER = 2
+VM_VCPUS_PER_GPU = 2
+VM_MEMORY_MIB_PER_GPU = 1024
+VM_DISK_GIB = 1
+BASE_IMAGE_SIZE = "64M"
+LEASE_POLL_S = 0.25
 
 
 class DevnetError(Exception):
@@ -80,6 +115,8 @@ class DevnetPlan:
     round_interval_s: int = 4
     n: int = 512
     """Matrix size of the CPU challenges (a multiple of 64)."""
+    gateway: bool = False
+    """Run a gateway, give workers simulated GPUs and rent one out (module docstring)."""
 
     def __post_init__(self) -> None:
         if not 1 <= self.miners <= 16:
@@ -103,6 +140,17 @@ class DevnetPlan:
             for i, kind in enumerate(kinds)
         ]
 
+    @property
+    def lease_s(self) -> float:
+        """How long the simulated renter keeps its GPU: about half of the rounds."""
+        return float(self.round_interval_s * max(1, self.rounds // 2))
+
+    def leased_role(self) -> WorkerRole | None:
+        """The worker whose GPU the simulated renter rents: the first honest one."""
+        if not self.gateway:
+            return None
+        return next((r for r in self.roles() if r.kind == "honest"), None)
+
     def scoring(self) -> dict[str, Any]:
         """Windows sized to the run, so a worker present in every round scores near 1."""
         bucket = self.round_interval_s
@@ -115,6 +163,21 @@ class DevnetPlan:
         }
 
 
+class DevnetLease(msgspec.Struct, frozen=True, kw_only=True):
+    """The simulated renter's lease as the gateway reports it."""
+
+    lease_id: str
+    worker: str
+    """The worker's devnet name."""
+    state: str
+    device_uuids: list[str]
+    started_at: float | None = None
+    ended_at: float | None = None
+    end_reason: str | None = None
+    ssh: str | None = None
+    """``renter@host -p port`` while it ran."""
+
+
 class DevnetReport(msgspec.Struct, frozen=True, kw_only=True):
     cycle: CycleRecord
     roles: dict[str, WorkerRole]
@@ -123,6 +186,7 @@ class DevnetReport(msgspec.Struct, frozen=True, kw_only=True):
     """miner hotkey -> ``miner-N``."""
     chain_weights: dict[int, dict[int, int]]
     validator_uid: int
+    lease: DevnetLease | None = None
 
 
 @dataclass
@@ -207,6 +271,11 @@ class Devnet:
         self._python = python
         self._processes: list[_Process] = []
         self._validator: _Process | None = None
+        self._gateway: _Process | None = None
+        self._gateway_api = ""
+        self._gateway_ca_pem = ""
+        self._renter_key = ""
+        self._lease_id: str | None = None
         self._workers: dict[str, _Process] = {}
         self._roles = plan.roles()
         self._miner_hotkeys: list[str] = []
@@ -257,6 +326,7 @@ class Devnet:
             "netuid": NETUID,
             "snapshot_refresh_s": 2.0,
         }
+        gateways = [self._prepare_gateway()] if plan.gateway else []
         port = _free_port()
         validator_config = _write_yaml(
             self.root / "validator.yaml",
@@ -278,6 +348,7 @@ class Devnet:
                 },
                 "scoring": plan.scoring(),
                 "weights": {"interval_s": 0.0},
+                "gateways": gateways,
             },
         )
         self._validator = _Process(
@@ -331,23 +402,24 @@ class Devnet:
                 )
             )
 
+        base_image = self._base_image() if plan.gateway else None
         for role in self._roles:
-            config = _write_yaml(
-                self.root / f"{role.name}.yaml",
-                {
-                    "state_dir": str(self.root / role.name),
-                    "miner": {
-                        "url": f"ws://127.0.0.1:{miner_ports[role.miner]}/worker",
-                        "hotkey": self._miner_hotkeys[role.miner],
-                        "enrollment_secret_file": str(secret_files[role.miner]),
-                        "reconnect_initial_s": 0.5,
-                        "reconnect_max_s": 2.0,
-                    },
-                    "heartbeat_interval_s": 1.0,
-                    "challenge": {"backend": "numpy"},
-                    "gpu": {"mode": "host"},
+            worker: dict[str, Any] = {
+                "state_dir": str(self.root / role.name),
+                "miner": {
+                    "url": f"ws://127.0.0.1:{miner_ports[role.miner]}/worker",
+                    "hotkey": self._miner_hotkeys[role.miner],
+                    "enrollment_secret_file": str(secret_files[role.miner]),
+                    "reconnect_initial_s": 0.5,
+                    "reconnect_max_s": 2.0,
                 },
-            )
+                "heartbeat_interval_s": 1.0,
+                "challenge": {"backend": "numpy"},
+                "gpu": {"mode": "host"},
+            }
+            if base_image is not None:
+                worker.update(self._lease_sections(role, *base_image))
+            config = _write_yaml(self.root / f"{role.name}.yaml", worker)
             if role.kind == "cheater":
                 argv = [
                     self._python,
@@ -363,6 +435,120 @@ class Devnet:
             self._workers[role.name] = process
             self._processes.append(process)
 
+    def _prepare_gateway(self) -> dict[str, Any]:
+        """The gateway's config, keys, store and API keys; returns the validator's entry."""
+        state = self.root / "gateway"
+        store_url = f"sqlite:///{state / 'gateway.db'}"
+        data: dict[str, Any] = {
+            "state_dir": str(state),
+            "public_names": ["127.0.0.1"],
+            "api": {"host": "127.0.0.1", "port": _free_port()},
+            "workers": {
+                "host": "127.0.0.1",
+                "port": _free_port(),
+                "heartbeat_interval_s": 1.0,
+                "heartbeat_timeout_s": 10.0,
+                "revocation_check_s": 1.0,
+            },
+            "leases": {
+                # Checkpoints every second: credit follows the VM closely on a short run.
+                "checkpoint_s": 1.0,
+                "worker_grace_s": 30.0,
+                "start_timeout_s": 60.0,
+                "min_duration_s": 1.0,
+                "vcpus_per_gpu": VM_VCPUS_PER_GPU,
+                "memory_mib_per_gpu": VM_MEMORY_MIB_PER_GPU,
+                "disk_gib_per_gpu": VM_DISK_GIB,
+                "tick_s": 0.25,
+            },
+            "store": {"url": store_url},
+        }
+        config_path = _write_yaml(self.root / "gateway.yaml", data)
+        config = msgspec.convert(data, GatewayConfig)
+        try:
+            ca, signer = prepare_keys(config)
+        except StartupError as exc:
+            raise DevnetError(f"gateway key material: {exc}") from None
+        validator_key = new_secret(KEY_PREFIXES["validator"])
+        self._renter_key = new_secret(KEY_PREFIXES["renter"])
+        try:
+            store = open_gateway_store(store_url)
+            try:
+                store.upgrade()
+                store.bind_gateway_id(signer.gateway_id)
+                now = time.time()
+                store.add_api_key("validator", "devnet-validator", secret_hash(validator_key), now)
+                store.add_api_key("renter", "devnet-renter", secret_hash(self._renter_key), now)
+            finally:
+                store.close()
+        except GatewayStoreError as exc:
+            raise DevnetError(f"gateway store: {exc}") from None
+        key_file = self.root / f"gateway-{GATEWAY_NAME}.key"
+        write_new_file(key_file, validator_key.encode("ascii") + b"\n")
+        self._gateway_api = config.api_url
+        self._gateway_ca_pem = ca.cert_pem
+        self._gateway = _Process(
+            "gateway",
+            self._command("byteleap.gateway.agent", config_path),
+            self.logs() / "gateway.log",
+        )
+        self._processes.append(self._gateway)
+        return {
+            "name": GATEWAY_NAME,
+            "url": config.api_url,
+            "ca_file": str(state / "ca.crt"),
+            "signing_public_key": signer.public_key.hex(),
+            "api_key_file": str(key_file),
+            "poll_interval_s": 1.0,
+            "lease_grace_s": 5.0,
+        }
+
+    def _base_image(self) -> tuple[Path, str]:
+        """An empty qcow2 base image for the simulated VMs, and its SHA-256."""
+        path = self.root / "base.qcow2"
+        try:
+            run_tool(
+                ["qemu-img", "create", "-q", "-f", "qcow2", str(path), BASE_IMAGE_SIZE],
+                what="creating the devnet's VM base image",
+                timeout_s=60.0,
+            )
+        except VmError as exc:
+            raise DevnetError(f"{exc} (bin/dev-deps installs qemu-utils)") from None
+        if shutil.which("genisoimage") is None:
+            raise DevnetError(
+                "leased VMs need genisoimage for their cloud-init seed (bin/dev-deps installs it)"
+            )
+        return path, hashlib.sha256(path.read_bytes()).hexdigest()
+
+    def _lease_sections(self, role: WorkerRole, base: Path, digest: str) -> dict[str, Any]:
+        """A worker's ``vm:`` (libvirt's test driver, simulated GPUs) and ``gateway:``."""
+        node = self.root / f"{role.name}.node.xml"
+        node.write_text(simulated_host_xml(GPUS_PER_WORKER), encoding="utf-8")
+        return {
+            "gpu": {"mode": "auto"},
+            "vm": {
+                "libvirt_uri": f"test://{node.absolute()}",
+                "domain_type": "test",
+                "vm_dir": str(self.root / "vms" / role.name),
+                "base_image": str(base),
+                "base_image_sha256": digest,
+                "disk_gib": VM_DISK_GIB,
+                "vcpus_per_gpu": VM_VCPUS_PER_GPU,
+                "memory_mib_per_gpu": VM_MEMORY_MIB_PER_GPU,
+                "firmware": "bios",
+                "shutdown_timeout_s": 1.0,
+                "tool_timeout_s": 30.0,
+            },
+            "gateway": {
+                "enabled": True,
+                "ssh_host": "127.0.0.1",
+                "reconnect_initial_s": 0.5,
+                "reconnect_max_s": 2.0,
+                "enroll_retry_initial_s": 1.0,
+                "enroll_retry_max_s": 4.0,
+            },
+        }
+
     # ------------------------------------------------------------------ lifecycle
 
     async def __aenter__(self) -> Devnet:
@@ -375,8 +561,20 @@ class Devnet:
         """Start every process and wait until every worker is online at the validator."""
         if self._validator is None:
             self.prepare()
+        if self._gateway is not None:  # first: workers enroll with it as soon as they start
+            await self._gateway.start(self._env)
+            await self._gateway_ready()
+            self._progress(f"started gateway at {self._gateway_api}")
+        workers = set(self._workers)
         for process in self._processes:
-            await process.start(self._env)
+            if process is not self._gateway and process.name not in workers:
+                await process.start(self._env)
+        if self._gateway is not None:
+            # Workers enroll through their miner and the validator: let the miners connect first.
+            await self._miners_connected()
+        for process in self._processes:
+            if process.name in workers:
+                await process.start(self._env)
         self._progress(
             f"started validator, {self.plan.miners} miner(s), {self.plan.workers} worker(s)"
         )
@@ -400,6 +598,8 @@ class Devnet:
     async def run(self) -> DevnetReport:
         """Start, wait for ``plan.rounds`` scoring cycles with weights on chain, report."""
         await self.start()
+        if self.plan.gateway:
+            await self._rent()
         first = await self._cycles()
         target = first + self.plan.rounds
         timeout = self.plan.rounds * (self.plan.round_interval_s + 45.0) + 30.0
@@ -426,7 +626,8 @@ class Devnet:
             await asyncio.sleep(0.25)
 
     async def stop(self) -> dict[str, int | None]:
-        """SIGTERM everything (workers first, validator last); returns exit codes."""
+        """SIGTERM everything (workers first, then miners, the validator, the gateway); returns
+        exit codes."""
         if self._flaky_task is not None:
             self._flaky_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -438,6 +639,7 @@ class Devnet:
             [p for p in ordered if p.name.startswith("worker")],
             [p for p in ordered if p.name.startswith("miner")],
             [p for p in ordered if p.name == "validator"],
+            [p for p in ordered if p.name == "gateway"],
         ):
             results = await asyncio.gather(*(p.stop() for p in group))
             codes.update({p.name: code for p, code in zip(group, results, strict=True)})
@@ -504,6 +706,24 @@ class Devnet:
             return 0
         return status.online_workers
 
+    async def _miners_connected(self) -> None:
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while True:
+            self._check_alive()
+            store = await self._open_store()
+            known = 0
+            if store is not None:
+                with contextlib.suppress(StoreError):
+                    known = (await asyncio.to_thread(store.status)).miners
+            if known >= self.plan.miners:
+                return
+            if time.monotonic() > deadline:
+                raise DevnetError(
+                    f"only {known} of {self.plan.miners} miners reached the validator within "
+                    f"{START_TIMEOUT_S:g} s; logs in {self.logs()}"
+                )
+            await asyncio.sleep(0.25)
+
     async def _cycles(self) -> int:
         store = await self._open_store()
         if store is None:
@@ -524,6 +744,128 @@ class Devnet:
                 process.restarts += 1
                 await process.start(self._env)
             await asyncio.sleep(period)
+
+    # ------------------------------------------------------------------ the renter
+
+    def _gateway_http(self) -> aiohttp.ClientSession:
+        """The renter's HTTPS client: the gateway's CA is the only trust root."""
+        return aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(ssl=client_tls_context(self._gateway_ca_pem)),
+            headers={"Authorization": f"Bearer {self._renter_key}"},
+            timeout=aiohttp.ClientTimeout(total=10.0),
+        )
+
+    async def _gateway_call(
+        self, http: aiohttp.ClientSession, method: str, path: str, body: Any = None
+    ) -> tuple[int, Any]:
+        data = None if body is None else msgspec.json.encode(body)
+        async with http.request(method, self._gateway_api + path, data=data) as response:
+            raw = await response.read()
+            return response.status, msgspec.json.decode(raw) if raw else None
+
+    async def _gateway_ready(self) -> None:
+        assert self._gateway is not None
+        deadline = time.monotonic() + START_TIMEOUT_S
+        async with self._gateway_http() as http:
+            while True:
+                self._check_alive()
+                with contextlib.suppress(aiohttp.ClientError, OSError, TimeoutError):
+                    status, _ = await self._gateway_call(http, "GET", "/v1/gpus")
+                    if status == 200:
+                        return
+                if time.monotonic() > deadline:
+                    raise DevnetError(
+                        f"the gateway did not answer within {START_TIMEOUT_S:g} s:\n"
+                        f"{self._gateway.tail()}"
+                    )
+                await asyncio.sleep(LEASE_POLL_S)
+
+    async def _rent(self) -> None:
+        """Rent one GPU of :meth:`DevnetPlan.leased_role`'s worker and wait until it runs."""
+        role = self.plan.leased_role()
+        if role is None:
+            self._progress("renter: no honest worker to rent a GPU from")
+            return
+        worker_id = self._worker_id(role.name)
+        if worker_id is None:
+            raise DevnetError(f"{role.name} has no worker key; logs in {self.logs()}")
+        public = Ed25519PrivateKey.generate().public_key()
+        ssh_key = (
+            public.public_bytes(
+                serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH
+            ).decode("ascii")
+            + " devnet-renter"
+        )
+        deadline = time.monotonic() + START_TIMEOUT_S
+        async with self._gateway_http() as http:
+            while True:  # the worker enrolls through its miner and the validator first
+                self._check_alive()
+                status, listed = await self._gateway_call(http, "GET", "/v1/gpus")
+                if status == 200 and any(
+                    w["worker_id"] == worker_id and w["idle"] >= 1 for w in listed["workers"]
+                ):
+                    break
+                if time.monotonic() > deadline:
+                    raise DevnetError(
+                        f"{role.name} did not come online at the gateway with an idle GPU "
+                        f"within {START_TIMEOUT_S:g} s; logs in {self.logs()}"
+                    )
+                await asyncio.sleep(LEASE_POLL_S)
+            status, lease = await self._gateway_call(
+                http,
+                "POST",
+                "/v1/leases",
+                {
+                    "gpus": 1,
+                    "worker_id": worker_id,
+                    "ssh_public_key": ssh_key,
+                    "duration_s": self.plan.lease_s,
+                },
+            )
+            if status != 201:
+                raise DevnetError(f"the gateway refused the lease: HTTP {status} {lease}")
+            self._lease_id = str(lease["lease_id"])
+            while True:
+                self._check_alive()
+                status, view = await self._gateway_call(http, "GET", f"/v1/leases/{self._lease_id}")
+                if status == 200 and view["state"] == "running":
+                    break
+                if status != 200 or view["state"] in ("failed", "ended"):
+                    raise DevnetError(f"the lease did not start: HTTP {status} {view}")
+                if time.monotonic() > deadline:
+                    raise DevnetError(
+                        f"the lease did not start within {START_TIMEOUT_S:g} s; "
+                        f"logs in {self.logs()}"
+                    )
+                await asyncio.sleep(LEASE_POLL_S)
+        ssh = view["ssh"]
+        self._progress(
+            f"renter: leased a GPU of {role.name} for {self.plan.lease_s:g} s "
+            f"(ssh {ssh['user']}@{ssh['host']} -p {ssh['port']})"
+        )
+
+    async def _lease_report(self) -> DevnetLease | None:
+        role = self.plan.leased_role()
+        if self._lease_id is None or role is None:
+            return None
+        async with self._gateway_http() as http:
+            try:
+                status, view = await self._gateway_call(http, "GET", f"/v1/leases/{self._lease_id}")
+            except (aiohttp.ClientError, OSError, TimeoutError) as exc:
+                raise DevnetError(f"cannot read the lease from the gateway: {exc}") from None
+        if status != 200:
+            raise DevnetError(f"cannot read the lease from the gateway: HTTP {status} {view}")
+        ssh = view.get("ssh")
+        return DevnetLease(
+            lease_id=self._lease_id,
+            worker=role.name,
+            state=view["state"],
+            device_uuids=list(view["device_uuids"]),
+            started_at=view.get("started_at"),
+            ended_at=view.get("ended_at"),
+            end_reason=view.get("end_reason"),
+            ssh=None if not ssh else f"{ssh['user']}@{ssh['host']} -p {ssh['port']}",
+        )
 
     async def report(self) -> DevnetReport:
         store = await self._open_store()
@@ -549,6 +891,7 @@ class Devnet:
             miner_names={hk: f"miner-{i + 1}" for i, hk in enumerate(self._miner_hotkeys)},
             chain_weights=weights,
             validator_uid=-1 if validator_uid is None else validator_uid,
+            lease=await self._lease_report(),
         )
 
     def _worker_id(self, name: str) -> str | None:

@@ -32,6 +32,11 @@ because the worker's thread is still computing and a second request would only b
 The validator-facing relay plugs in here: ``DeviceChallenge.request()`` and
 ``DeviceRevealRequest.request()`` build the worker messages, ``RelayError.code`` becomes
 ``DeviceFailure.code``, and ``is_leased`` can be backed by the lease records it learns.
+
+Requests also travel up: a worker's ``GatewayEnrollRequest`` asks the validators for a gateway
+enrollment token. :meth:`WorkerConnections.gateway_grant` hands it to the source the validator
+links register with :meth:`WorkerConnections.set_gateway_tokens`; without one (no validator
+links) the answer is ``NO_VALIDATOR``.
 """
 
 from __future__ import annotations
@@ -41,7 +46,7 @@ import itertools
 import logging
 import secrets
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from typing import Protocol, TypeVar
 
 from ..core import wire
@@ -49,6 +54,7 @@ from ..core.channel import ChannelClosed
 
 __all__ = [
     "CPU_DEVICE_UUID",
+    "GatewayTokenSource",
     "IsLeased",
     "RelayError",
     "WorkerConnections",
@@ -67,6 +73,9 @@ _DEADLINE_SLACK_S = 5.0  # transfer and scheduling on top of the worker's own de
 
 IsLeased = Callable[[str, str], bool]
 """``is_leased(worker_id, device_uuid)``: True while the device is rented out."""
+
+GatewayTokenSource = Callable[[str], Awaitable[wire.GatewayGrant]]
+"""``source(worker_id)``: a validator's gateway grant for that worker, or :class:`RelayError`."""
 
 _M = TypeVar("_M", bound=wire.Message)
 
@@ -263,6 +272,7 @@ class WorkerConnections:
         self._late_grace = late_grace_s
         self._on_outcome = on_outcome
         self._links: dict[str, WorkerLink] = {}
+        self._token_source: GatewayTokenSource | None = None
         # Frame ids unique across all connections: random start, never 0, fits an int63.
         self._ids = itertools.count(secrets.randbelow(2**40) + 1)
 
@@ -482,6 +492,27 @@ class WorkerConnections:
                 future.cancel()
         assert isinstance(answer, expect)
         return answer
+
+    # ------------------------------------------------------------------ gateway enrollment
+
+    def set_gateway_tokens(self, source: GatewayTokenSource | None) -> None:
+        """Where :meth:`gateway_grant` gets tokens (the validator links); None: nowhere."""
+        self._token_source = source
+
+    async def gateway_grant(self, worker_id: str) -> wire.GatewayGrant:
+        """A gateway enrollment token for ``worker_id`` from the validators.
+
+        ``worker_id`` must be the worker's authenticated id (the server passes its session's),
+        so a worker can only ever obtain tokens bound to itself.
+        """
+        source = self._token_source
+        if source is None:
+            raise RelayError(
+                wire.ErrorCode.NO_VALIDATOR,
+                "this miner has no validator links to ask for a gateway token",
+                worker_id=worker_id,
+            )
+        return await source(worker_id)
 
     def _outcome(self, worker_id: str, *, ok: bool) -> None:
         if self._on_outcome is None:

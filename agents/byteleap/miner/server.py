@@ -14,8 +14,12 @@ One aiohttp handler per connection runs the sequence of the protocol:
    4002); only now is anything written (the key pinned, the worker marked online, its
    inventory stored) and ``RegisterAck`` sent. A newer connection of the same worker replaces the
    older one, which is closed with 4009;
-5. steady state: heartbeats, inventory updates, and answers to relayed requests
-   (:mod:`byteleap.miner.relay`).
+5. steady state: heartbeats, inventory updates, answers to relayed requests
+   (:mod:`byteleap.miner.relay`), and the worker's own ``GatewayEnrollRequest``: the miner asks
+   its validators for a gateway enrollment token bound to the session's worker id (never one the
+   worker names) and answers ``GatewayEnrollGrant`` or ``Error`` under the request's frame id.
+   One such request runs at a time per connection, at most ``ENROLL_BURST`` at once and one per
+   ``ENROLL_INTERVAL_S`` after that; more get ``RATE_LIMITED``.
 
 Every refusal happens before any registry write (admission writes once, in one transaction); steps
 3-4 share the handshake deadline. A sweeper task closes workers silent for longer than
@@ -52,7 +56,7 @@ from ..core.logs import log_fields
 from ..core.session import SessionConfig
 from .config import MinerConfig, WorkerListen
 from .registry import RegistryError, WorkerRegistry
-from .relay import WorkerConnections, WorkerLink
+from .relay import RelayError, WorkerConnections, WorkerLink
 
 __all__ = [
     "PROLOGUE",
@@ -68,6 +72,9 @@ MAX_SWEEP_INTERVAL_S = 5.0
 REFUSAL_CLOSE_TIMEOUT_S = 1.0
 LAST_SEEN_WRITE_INTERVAL_S = 60.0
 """Heartbeats update the registry's ``last_seen`` at most this often per connection."""
+ENROLL_BURST = 3
+ENROLL_INTERVAL_S = 20.0
+"""A worker asks for a gateway token when it has no usable certificate: rarely."""
 
 _REFUSAL_CLOSE: dict[wire.ErrorCode, CloseCode] = {
     wire.ErrorCode.AUTH_FAILED: CloseCode.UNAUTHORIZED,
@@ -501,36 +508,112 @@ class MinerServer:
         # the event loop to a trickle at 100 workers, at the price of a last_seen up to that
         # much behind the truth (registration and inventory changes are always written).
         last_written = link.last_heartbeat  # register() wrote last_seen
-        while True:
-            frame = await channel.recv()
-            msg = frame.msg
-            if isinstance(msg, wire.Heartbeat):
-                link.record_heartbeat(msg)
-                if link.last_heartbeat - last_written >= self._last_seen_interval:
-                    self.registry.touch(worker_id)
-                    last_written = link.last_heartbeat
-            elif isinstance(msg, wire.InventoryUpdate):
-                link.inventory = msg.inventory
-                self.registry.update_inventory(worker_id, msg.inventory)
-                log.info(
-                    "worker inventory changed",
-                    extra=log_fields(worker_id=worker_id, gpus=len(msg.inventory.gpus)),
+        enroll_limiter = RateLimiter(1.0 / ENROLL_INTERVAL_S, ENROLL_BURST, clock=self._clock)
+        enrolling: asyncio.Task[None] | None = None
+        try:
+            while True:
+                frame = await channel.recv()
+                if isinstance(frame.msg, wire.GatewayEnrollRequest):
+                    busy = enrolling is not None and not enrolling.done()
+                    refusal = self._enroll_refusal(frame.id, busy, enroll_limiter)
+                    if refusal is not None:
+                        log.info(
+                            "gateway enrollment request refused: %s",
+                            refusal.message,
+                            extra=log_fields(worker_id=worker_id),
+                        )
+                        with contextlib.suppress(wire.WireError):
+                            await channel.send(refusal.to_error(frame.id), id=frame.id)
+                    else:
+                        enrolling = asyncio.create_task(
+                            self._relay_enrollment(channel, worker_id, frame.id),
+                            name="miner-gateway-enroll",
+                        )
+                    continue
+                last_written = self._steady_frame(link, frame, last_written)
+        finally:
+            if enrolling is not None:  # nobody is left to answer
+                enrolling.cancel()
+                await asyncio.gather(enrolling, return_exceptions=True)
+
+    def _steady_frame(self, link: WorkerLink, frame: wire.Frame, last_written: float) -> float:
+        """Handle one frame of a registered worker; returns when ``last_seen`` was written."""
+        worker_id = link.worker_id
+        msg = frame.msg
+        if isinstance(msg, wire.Heartbeat):
+            link.record_heartbeat(msg)
+            if link.last_heartbeat - last_written >= self._last_seen_interval:
+                self.registry.touch(worker_id)
+                last_written = link.last_heartbeat
+        elif isinstance(msg, wire.InventoryUpdate):
+            link.inventory = msg.inventory
+            self.registry.update_inventory(worker_id, msg.inventory)
+            log.info(
+                "worker inventory changed",
+                extra=log_fields(worker_id=worker_id, gpus=len(msg.inventory.gpus)),
+            )
+        elif isinstance(msg, wire.ChallengeCommit | wire.ChallengeReveal | wire.Pong):
+            if not link.deliver(frame):
+                log.debug(
+                    "answer to no pending request dropped",
+                    extra=log_fields(worker_id=worker_id, frame_id=frame.id),
                 )
-            elif isinstance(msg, wire.ChallengeCommit | wire.ChallengeReveal | wire.Pong):
-                if not link.deliver(frame):
-                    log.debug(
-                        "answer to no pending request dropped",
-                        extra=log_fields(worker_id=worker_id, frame_id=frame.id),
-                    )
-            elif isinstance(msg, wire.Error):
-                if not link.deliver(frame):
-                    log.warning(
-                        "worker reported an error: %s %s",
-                        msg.code.name,
-                        msg.message,
-                        extra=log_fields(worker_id=worker_id, ref=msg.ref),
-                    )
-            else:  # EnrollProof / Register again
-                raise _Refused(
-                    wire.ErrorCode.UNEXPECTED_MESSAGE, f"{type(msg).__name__} after registration"
+        elif isinstance(msg, wire.Error):
+            if not link.deliver(frame):
+                log.warning(
+                    "worker reported an error: %s %s",
+                    msg.code.name,
+                    msg.message,
+                    extra=log_fields(worker_id=worker_id, ref=msg.ref),
                 )
+        else:  # EnrollProof / Register again
+            raise _Refused(
+                wire.ErrorCode.UNEXPECTED_MESSAGE, f"{type(msg).__name__} after registration"
+            )
+        return last_written
+
+    def _enroll_refusal(
+        self, frame_id: int, busy: bool, limiter: RateLimiter
+    ) -> wire.CodedError | None:
+        if frame_id == 0:
+            return wire.CodedError(
+                wire.ErrorCode.UNEXPECTED_MESSAGE, "a GatewayEnrollRequest needs a frame id"
+            )
+        if busy:
+            return wire.CodedError(
+                wire.ErrorCode.RATE_LIMITED, "a gateway enrollment request is already in flight"
+            )
+        if not limiter.allow():
+            return wire.CodedError(
+                wire.ErrorCode.RATE_LIMITED,
+                f"at most {ENROLL_BURST} gateway enrollment requests, then one per "
+                f"{ENROLL_INTERVAL_S:g} s",
+            )
+        return None
+
+    async def _relay_enrollment(self, channel: Channel, worker_id: str, frame_id: int) -> None:
+        """Ask the validators for a token bound to this session's worker and answer."""
+        answer: wire.Message
+        try:
+            grant = await self.connections.gateway_grant(worker_id)
+        except RelayError as exc:
+            log.warning(
+                "no gateway token for the worker: %s: %s",
+                exc.code.name,
+                exc.message,
+                extra=log_fields(worker_id=worker_id),
+            )
+            answer = exc.to_error(frame_id)
+        except Exception:
+            log.exception(
+                "relaying a gateway enrollment failed", extra=log_fields(worker_id=worker_id)
+            )
+            answer = wire.Error(code=wire.ErrorCode.INTERNAL, message="miner error", ref=frame_id)
+        else:
+            log.info(
+                "gateway token relayed to the worker",
+                extra=log_fields(worker_id=worker_id, gateway_id=grant.gateway_id),
+            )
+            answer = wire.GatewayEnrollGrant(worker_id=worker_id, grant=grant)
+        with contextlib.suppress(ChannelClosed):
+            await channel.send(answer, id=frame_id)

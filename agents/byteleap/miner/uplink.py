@@ -44,6 +44,17 @@ releases are accepted only for challenges *this* validator dispatched through th
 record of dispatched challenges is bounded: an entry is forgotten on release, on failure, after
 the challenge's deadline plus ``challenge_memory_s``, and the oldest go first beyond
 ``MAX_REMEMBERED_CHALLENGES``.
+
+Gateway enrollment
+------------------
+:meth:`ValidatorUplinks.gateway_token` serves the workers' ``GatewayEnrollRequest`` (registered
+with the relay as its token source): it sends ``GatewayTokenRequest{worker_id}`` to the connected
+validators one after the other, the most staked first, each with ``token_timeout_s`` and all of
+them within ``token_total_s``, until one answers ``GatewayTokenGrant`` for that worker. When none
+does, the refusal names what each validator said and carries the most telling code
+(``GATEWAY_REFUSED``, ``GATEWAY_UNAVAILABLE``, ``RATE_LIMITED``, ``NO_GATEWAY``, in that order);
+with no validator connected it is ``NO_VALIDATOR``. A request pending on a link that closes fails
+at once.
 """
 
 from __future__ import annotations
@@ -58,6 +69,7 @@ import http
 import ipaddress
 import logging
 import random
+import secrets
 import time
 from collections.abc import Callable, Coroutine, Sequence
 from typing import Any, Final
@@ -178,6 +190,10 @@ class UplinkSettings:
     """How long a worker gets to answer a reveal (a RevealBatch carries no deadline)."""
     challenge_memory_s: float = 600.0
     """How long after its deadline a dispatched challenge is remembered for reveal and release."""
+    token_timeout_s: float = 25.0
+    """How long one validator gets to answer a gateway token request (it may ask two gateways)."""
+    token_total_s: float = 45.0
+    """How long a token request may take over all validators (a worker waits 60 s)."""
     ws_heartbeat_s: float = 30.0
     """WebSocket ping interval: a silently dead connection is noticed within 1.5 of it."""
     close_timeout_s: float = 5.0
@@ -200,6 +216,8 @@ class UplinkSettings:
             "connect_timeout_s",
             "reveal_timeout_s",
             "challenge_memory_s",
+            "token_timeout_s",
+            "token_total_s",
             "ws_heartbeat_s",
             "close_timeout_s",
             "messages_per_second",
@@ -355,6 +373,7 @@ class ValidatorLink:
         self._auth_refusal: str | None = None
         self._peer_error: wire.Error | None = None
         self._last_logged_reason: str | None = None
+        self._token_waits: dict[int, asyncio.Future[wire.GatewayTokenGrant]] = {}
 
     def __repr__(self) -> str:
         return f"ValidatorLink({self.hotkey}, {self.url}, {self._status.state.value})"
@@ -385,6 +404,96 @@ class ValidatorLink:
 
     def roster_changed(self) -> None:
         self._roster_wanted.set()
+
+    async def gateway_token(
+        self,
+        worker_id: str,
+        timeout_s: float,
+    ) -> wire.GatewayGrant:
+        """Ask this validator for a gateway enrollment token bound to ``worker_id``.
+
+        Raises :class:`RelayError`: the validator's own refusal (its code), ``NO_VALIDATOR``
+        when the link is down or goes down, ``GATEWAY_UNAVAILABLE`` when no answer comes in
+        ``timeout_s``.
+        """
+        channel = self._channel
+        if channel is None or not self.connected:
+            raise RelayError(
+                wire.ErrorCode.NO_VALIDATOR,
+                f"validator {self.hotkey} is not connected",
+                worker_id=worker_id,
+            )
+        frame_id = self._new_token_id()
+        future: asyncio.Future[wire.GatewayTokenGrant] = asyncio.get_running_loop().create_future()
+        self._token_waits[frame_id] = future
+        try:
+            async with asyncio.timeout(timeout_s):
+                await channel.send(wire.GatewayTokenRequest(worker_id=worker_id), id=frame_id)
+                answer = await future
+        except TimeoutError:
+            raise RelayError(
+                wire.ErrorCode.GATEWAY_UNAVAILABLE,
+                f"validator {self.hotkey} did not answer within {timeout_s:g} s",
+                worker_id=worker_id,
+            ) from None
+        except ChannelClosed:
+            raise RelayError(
+                wire.ErrorCode.NO_VALIDATOR,
+                f"the link to validator {self.hotkey} closed",
+                worker_id=worker_id,
+            ) from None
+        finally:
+            self._token_waits.pop(frame_id, None)
+            if not future.done():
+                future.cancel()
+        if answer.worker_id != worker_id:
+            raise RelayError(
+                wire.ErrorCode.UNEXPECTED_MESSAGE,
+                f"validator {self.hotkey} answered with a token for worker {answer.worker_id}",
+                worker_id=worker_id,
+            )
+        return answer.grant
+
+    def _new_token_id(self) -> int:
+        while True:
+            frame_id = secrets.randbits(63)
+            if frame_id and frame_id not in self._token_waits:
+                return frame_id
+
+    def _token_answer(self, frame: wire.Frame) -> bool:
+        """Resolve the token request ``frame`` answers; False if it answers none."""
+        msg = frame.msg
+        keys = [frame.id]
+        if isinstance(msg, wire.Error):
+            keys.append(msg.ref)
+        for key in keys:
+            future = self._token_waits.get(key) if key else None
+            if future is None or future.done():
+                continue
+            if isinstance(msg, wire.GatewayTokenGrant):
+                future.set_result(msg)
+            elif isinstance(msg, wire.Error):
+                future.set_exception(
+                    RelayError(
+                        msg.code,
+                        f"validator {self.hotkey}: {msg.message or 'refused'}",
+                    )
+                )
+            else:
+                return False
+            return True
+        return False
+
+    def _fail_token_waits(self, reason: str) -> None:
+        waits, self._token_waits = self._token_waits, {}
+        for future in waits.values():
+            if not future.done():
+                future.set_exception(
+                    RelayError(
+                        wire.ErrorCode.NO_VALIDATOR,
+                        f"the link to validator {self.hotkey} closed: {reason}",
+                    )
+                )
 
     async def stop(self, code: int = CloseCode.GOING_AWAY, reason: str = _SHUTDOWN_REASON) -> None:
         """Close the connection with ``code`` and ``reason``, end the loop and every request."""
@@ -420,6 +529,7 @@ class ValidatorLink:
                 await self._session(channel)
             finally:
                 self._channel = None
+                self._fail_token_waits("session ended")
                 if self._stopping:
                     await channel.close(*self._stop_close)
                 else:
@@ -601,9 +711,16 @@ class ValidatorLink:
                     self._spawn(self._releases(msg), "validator-releases")
                 elif isinstance(msg, wire.EchoRequest):
                     self._spawn(self._echo(channel, frame.id, msg), "validator-echo")
+                elif isinstance(msg, wire.GatewayTokenGrant):
+                    if not self._token_answer(frame):
+                        log.debug(
+                            "token grant for no pending request dropped", extra=self._fields()
+                        )
                 elif isinstance(msg, wire.Ping):
                     await channel.send(wire.Pong(nonce=msg.nonce), id=frame.id)
                 elif isinstance(msg, wire.Error):
+                    if self._token_answer(frame):
+                        continue
                     self._peer_error = msg
                     log.warning(
                         "validator reported an error: %s: %s",
@@ -904,6 +1021,7 @@ class ValidatorUplinks:
         self._retiring: set[ValidatorLink] = set()
         self._refresher: asyncio.Task[None] | None = None
         self._stopping = False
+        relay.set_gateway_tokens(self.gateway_token)
 
     # -- lifecycle ---------------------------------------------------------------------------
     def start(self) -> None:
@@ -923,6 +1041,59 @@ class ValidatorUplinks:
         self._links = {}
         if links:
             await asyncio.gather(*(link.stop(CloseCode.GOING_AWAY, reason) for link in links))
+
+    # -- gateway enrollment --------------------------------------------------------------------
+    async def gateway_token(self, worker_id: str) -> wire.GatewayGrant:
+        """A gateway enrollment token for ``worker_id`` from the first connected validator that
+        gives one (most staked first); :class:`RelayError` when none does."""
+        links = [link for link in self._links.values() if link.connected]
+        if not links:
+            raise RelayError(
+                wire.ErrorCode.NO_VALIDATOR,
+                "no validator is connected to this miner; try again later",
+                worker_id=worker_id,
+            )
+        links.sort(key=self._stake, reverse=True)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.settings.token_total_s
+        failures: list[RelayError] = []
+        for link in links:
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                failures.append(
+                    RelayError(
+                        wire.ErrorCode.GATEWAY_UNAVAILABLE,
+                        f"validator {link.hotkey} not asked: "
+                        f"{self.settings.token_total_s:g} s spent",
+                    )
+                )
+                break
+            try:
+                grant = await link.gateway_token(
+                    worker_id, min(self.settings.token_timeout_s, remaining)
+                )
+            except RelayError as exc:
+                log.info(
+                    "validator %s gave no gateway token: %s: %s",
+                    link.hotkey,
+                    exc.code.name,
+                    exc.message,
+                    extra=log_fields(validator=link.hotkey, worker_id=worker_id),
+                )
+                failures.append(exc)
+                continue
+            log.info(
+                "gateway token for worker %s from validator %s",
+                worker_id,
+                link.hotkey,
+                extra=log_fields(validator=link.hotkey, worker_id=worker_id),
+            )
+            return grant
+        raise _combined_refusal(worker_id, failures)
+
+    def _stake(self, link: ValidatorLink) -> int:
+        neuron = self._snapshot.by_hotkey(link.hotkey) if self._snapshot is not None else None
+        return neuron.stake_rao if neuron is not None else 0
 
     # -- status ------------------------------------------------------------------------------
     @property
@@ -1115,6 +1286,25 @@ class ValidatorUplinks:
         elif self._registered is False:
             log.info("this miner's hotkey is registered on netuid %d again", self.settings.netuid)
         self._registered = registered
+
+
+_TOKEN_CODE_RANK: Final = (
+    wire.ErrorCode.GATEWAY_REFUSED,
+    wire.ErrorCode.GATEWAY_UNAVAILABLE,
+    wire.ErrorCode.RATE_LIMITED,
+    wire.ErrorCode.NO_GATEWAY,
+)
+
+
+def _combined_refusal(worker_id: str, failures: Sequence[RelayError]) -> RelayError:
+    """One refusal for every validator's: the most telling code, every message."""
+    if len(failures) == 1:
+        only = failures[0]
+        return RelayError(only.code, only.message, worker_id=worker_id)
+    codes = {failure.code for failure in failures}
+    code = next((c for c in _TOKEN_CODE_RANK if c in codes), failures[0].code)
+    said = "; ".join(f"{f.code.name}: {f.message}" for f in failures)
+    return RelayError(code, f"no validator gave a gateway token ({said})", worker_id=worker_id)
 
 
 def _why_dropped(snapshot: SubnetSnapshot, hotkey: str, min_stake_rao: int) -> str:

@@ -20,11 +20,13 @@ Start-up, in order (any problem in the first three is exit code 2 with one line 
 Then, concurrently: snapshot refreshes (which also close miners that were deregistered), challenge
 rounds every ``rounds.interval_s``, a scoring cycle after a round once ``weights.interval_s`` has
 passed since the last one, weight submissions (retried through rate limits and outages), one
-lease feed reader per configured gateway (:mod:`~byteleap.validator.leases`), retention, the
-watchdog and a STATUS line such as ``3 miners, 41 workers online, round 17, weights @ 4411,
-leases from 2/2 gateways``. SIGTERM/SIGINT: STOPPING=1, the round in flight is cancelled (its
-challenges are expired), the feed readers stop, miners are told GOING_AWAY, the store and the
-chain are closed.
+lease feed reader per configured gateway (:mod:`~byteleap.validator.leases`), enrollment
+tokens from the same gateways for the workers of connected miners
+(:mod:`~byteleap.validator.enrollment`), retention, the watchdog and a STATUS line such as
+``3 miners, 41 workers online, round 17, weights @ 4411, leases from 2/2 gateways``.
+SIGTERM/SIGINT: STOPPING=1, the round in flight is cancelled (its challenges are expired), the
+feed readers stop, miners are told GOING_AWAY, the token broker's connections are closed, the
+store and the chain are closed.
 """
 
 from __future__ import annotations
@@ -63,6 +65,7 @@ from .config import (
     ValidatorConfig,
 )
 from .db import AsyncStore
+from .enrollment import EnrollmentTokens, GatewayAccess
 from .leases import GatewayFeed, gateway_ssl_context
 from .miners import MinerHub
 from .rounds import RoundEngine
@@ -165,11 +168,18 @@ class Validator:
             retry_max_s=CHAIN_RETRY_MAX_S,
             on_change=self._snapshot_changed,
         )
+        self.tokens = EnrollmentTokens(
+            [
+                GatewayAccess(g, prepared.gateway_keys[g.name], prepared.gateway_tls[g.name])
+                for g in config.gateways
+            ]
+        )
         self.hub = MinerHub(
             config.listen,
             config.policy,
             signer=self.signer,
             snapshot=lambda: self.snapshots.current,
+            tokens=self.tokens,
         )
         self.engine = RoundEngine(
             self.db,
@@ -391,6 +401,7 @@ async def _serve(v: Validator) -> int:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         await v.hub.stop()
+        await v.tokens.close()
 
     trigger = install_signal_handlers(loop, shutdown, notifier)
     watchdog = asyncio.create_task(run_watchdog(notifier, watchdog_interval()), name="watchdog")

@@ -41,6 +41,15 @@ from ..core.lease import MAX_FEED_PAGE, FeedPage, LeaseRecord, LeaseRecordError,
 from ..core.logs import log_fields
 from .config import GatewaySettings
 from .db import AsyncStore
+from .gateway_client import (
+    AnswerTooLarge,
+    bearer_headers,
+    error_detail,
+    gateway_client,
+    gateway_ssl_context,
+    read_bounded,
+    shown,
+)
 from .store import StoreError, VerifiedLease
 
 __all__ = [
@@ -58,24 +67,11 @@ _MAX_SIGNED_RECORD_JSON: Final = 4 * ((16 * 1024 + 2) // 3) + 4 * ((64 + 2) // 3
 """One ``SignedLeaseRecord`` in JSON at most: base64 of a 16 KiB record and of a signature."""
 MAX_PAGE_BYTES: Final = MAX_FEED_PAGE * (_MAX_SIGNED_RECORD_JSON + 2) + 4096
 """The largest feed page a reader accepts (a full page of the largest records)."""
-MAX_ERROR_BYTES: Final = 4096
 REQUEST_TIMEOUT_S: Final = 30.0
-CONNECT_TIMEOUT_S: Final = 10.0
 MAX_RETRY_S: Final = 300.0
 """Longest wait between attempts while a gateway is failing (at least its poll interval)."""
-_SHOWN_CHARS: Final = 200
 
 _PAGE_DECODER: Final = msgspec.json.Decoder(FeedPage)
-
-
-class _GatewayError(msgspec.Struct, frozen=True):
-    """The gateway's error body; anything else in it is ignored."""
-
-    error: str = ""
-    message: str = ""
-
-
-_ERROR_DECODER: Final = msgspec.json.Decoder(_GatewayError)
 
 
 class FeedError(Exception):
@@ -84,27 +80,6 @@ class FeedError(Exception):
     def __init__(self, kind: str, message: str) -> None:
         super().__init__(message)
         self.kind = kind
-
-
-def gateway_ssl_context(ca_file: str) -> ssl.SSLContext:
-    """A client context trusting only the CA in ``ca_file`` (host names checked).
-
-    Raises :class:`ValueError` naming the file when it cannot be read or holds no certificate.
-    """
-    # PROTOCOL_TLS_CLIENT verifies the chain and the host name and, unlike
-    # create_default_context(), loads no system CA: the gateway's CA is the only root.
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-    try:
-        context.load_verify_locations(cafile=ca_file)
-    except FileNotFoundError:
-        raise ValueError(f"ca_file {ca_file} does not exist") from None
-    except (OSError, ssl.SSLError) as exc:
-        reason = getattr(exc, "reason", None) or getattr(exc, "strerror", None) or str(exc)
-        raise ValueError(f"ca_file {ca_file} holds no usable PEM certificate ({reason})") from None
-    if not context.get_ca_certs():
-        raise ValueError(f"ca_file {ca_file} holds no CA certificate")
-    context.minimum_version = ssl.TLSVersion.TLSv1_2
-    return context
 
 
 def verify_page(
@@ -148,21 +123,11 @@ def leased_devices(
     return out
 
 
-def _shown(text: str) -> str:
-    """Untrusted text from a gateway, safe for one log line."""
-    clean = "".join(c if c.isprintable() else "?" for c in text)
-    return clean if len(clean) <= _SHOWN_CHARS else clean[:_SHOWN_CHARS] + "..."
-
-
 async def _read_bounded(response: aiohttp.ClientResponse, limit: int) -> bytes:
-    if response.content_length is not None and response.content_length > limit:
-        raise FeedError("protocol", f"answer of {response.content_length} bytes, limit {limit}")
-    body = bytearray()
-    async for chunk in response.content.iter_chunked(64 * 1024):
-        body += chunk
-        if len(body) > limit:
-            raise FeedError("protocol", f"answer larger than {limit} bytes")
-    return bytes(body)
+    try:
+        return await read_bounded(response, limit)
+    except AnswerTooLarge as exc:
+        raise FeedError("protocol", str(exc)) from None
 
 
 class GatewayFeed:
@@ -185,13 +150,11 @@ class GatewayFeed:
         self.gateway_id = settings.gateway_id
         self._key = settings.public_key
         self._db = db
-        self._headers = {"Authorization": f"Bearer {api_key}", "Accept": "application/json"}
+        self._headers = bearer_headers(api_key)
         self._ssl = ssl_context
         self._clock = clock
         self._monotonic = monotonic
-        self._timeout = aiohttp.ClientTimeout(
-            total=request_timeout_s, connect=min(CONNECT_TIMEOUT_S, request_timeout_s)
-        )
+        self._request_timeout_s = request_timeout_s
         poll = settings.poll_interval_s
         self._backoff = Backoff(poll, max(poll, retry_max_s))
         self._fault_since: float | None = None
@@ -220,9 +183,7 @@ class GatewayFeed:
 
     def client(self) -> aiohttp.ClientSession:
         """An HTTP client for :meth:`poll`: this gateway's TLS context, bounded waits."""
-        return aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(ssl=self._ssl, limit=1), timeout=self._timeout
-        )
+        return gateway_client(self._ssl, self._request_timeout_s)
 
     async def run(self) -> None:
         """Poll forever (until cancelled): every poll interval, or with backoff while failing."""
@@ -330,42 +291,29 @@ class GatewayFeed:
             raise FeedError(
                 "tls",
                 f"the certificate of {url} does not verify against ca_file "
-                f"{self.settings.ca_file} ({_shown(str(exc.certificate_error))})",
+                f"{self.settings.ca_file} ({shown(str(exc.certificate_error))})",
             ) from None
         except (aiohttp.ClientSSLError, ssl.SSLError) as exc:
-            raise FeedError("tls", f"TLS with {url} failed: {_shown(str(exc))}") from None
+            raise FeedError("tls", f"TLS with {url} failed: {shown(str(exc))}") from None
         except TimeoutError:
             raise FeedError("unreachable", f"{url} did not answer in time") from None
         except (aiohttp.ClientError, OSError) as exc:
-            raise FeedError("unreachable", f"cannot reach {url}: {_shown(str(exc))}") from None
+            raise FeedError("unreachable", f"cannot reach {url}: {shown(str(exc))}") from None
         try:
             page = _PAGE_DECODER.decode(body)
         except (msgspec.DecodeError, UnicodeDecodeError) as exc:
-            raise FeedError(
-                "protocol", f"{url} sent a malformed page: {_shown(str(exc))}"
-            ) from None
+            raise FeedError("protocol", f"{url} sent a malformed page: {shown(str(exc))}") from None
         if page.gateway_id != self.gateway_id:
             raise FeedError(
                 "protocol",
-                f"{url} calls itself gateway {_shown(page.gateway_id)}, but the configured "
+                f"{url} calls itself gateway {shown(page.gateway_id)}, but the configured "
                 f"signing key is gateway {self.gateway_id}'s",
             )
         return page
 
     async def _http_error(self, response: aiohttp.ClientResponse) -> FeedError:
         status = response.status
-        detail = ""
-        try:
-            error = _ERROR_DECODER.decode(await _read_bounded(response, MAX_ERROR_BYTES))
-            detail = ": " + _shown(f"{error.error} {error.message}".strip())
-        except (
-            FeedError,
-            msgspec.DecodeError,
-            UnicodeDecodeError,
-            aiohttp.ClientError,
-            TimeoutError,
-        ):
-            pass  # the status says enough
+        detail = await error_detail(response)
         if status in (401, 403):
             where = self.settings.api_key_file or (
                 f"$CREDENTIALS_DIRECTORY/{self.settings.credential_name}"

@@ -33,6 +33,14 @@ truth). A disconnect is reported only for the hotkey's current connection, not a
 
 :meth:`MinerHub.refresh` applies a new snapshot: sessions whose hotkey left the subnet get
 ``Error(NOT_PERMITTED)`` and close 4002; a changed uid is recorded with the roster again.
+
+Gateway enrollment: a ``GatewayTokenRequest{worker_id}`` (with a non-zero frame id) is answered
+with ``GatewayTokenGrant`` or ``Error`` under the same id, in a task of its own so the receive loop
+never waits on a gateway. The token comes from the hub's :class:`TokenIssuer` (the configured
+gateways, :mod:`~byteleap.validator.enrollment`), bound to the worker and to the hotkey this
+session proved. Without a gateway the answer is ``NO_GATEWAY`` at once. Per session at most
+``TOKEN_REQUESTS_IN_FLIGHT`` requests run at a time and ``TOKEN_BURST`` / ``TOKEN_PER_MINUTE``
+are allowed (a token bucket); beyond that the answer is ``RATE_LIMITED``.
 """
 
 from __future__ import annotations
@@ -44,7 +52,7 @@ import secrets
 import time
 from collections.abc import Callable, Coroutine, Iterator, Mapping
 from dataclasses import dataclass
-from typing import Any, Literal, Protocol
+from typing import Any, Final, Literal, Protocol
 
 from aiohttp import web
 
@@ -74,6 +82,7 @@ __all__ = [
     "MinerSession",
     "RevealAnswer",
     "SnapshotSource",
+    "TokenIssuer",
 ]
 
 log = logging.getLogger(__name__)
@@ -82,6 +91,11 @@ PROLOGUE = wire.MINER_VALIDATOR_PROLOGUE
 LINK = wire.Link.MINER_VALIDATOR
 DEFAULT_CLOSE_TIMEOUT_S = 5.0
 DEFAULT_HOOK_DRAIN_S = 5.0
+TOKEN_REQUESTS_IN_FLIGHT: Final = 4
+TOKEN_BURST: Final = 20
+"""A miner's workers may all ask at once when it starts using a gateway: 20 at once, then..."""
+TOKEN_PER_MINUTE: Final = 30.0
+"""...one every two seconds (a miner has at most 100 workers)."""
 
 SnapshotSource = Callable[[], SubnetSnapshot | None]
 """The agent's current subnet snapshot (None until the first one arrived)."""
@@ -96,6 +110,17 @@ class HubListener(Protocol):
     async def on_roster(self, session: MinerSession, roster: wire.WorkerRoster) -> None: ...
 
     async def on_disconnect(self, session: MinerSession) -> None: ...
+
+
+class TokenIssuer(Protocol):
+    """Where enrollment tokens come from (the validator's configured gateways, see
+    :mod:`~byteleap.validator.enrollment`). ``issue`` raises a
+    :class:`~byteleap.core.wire.CodedError` whose code the miner is told."""
+
+    @property
+    def configured(self) -> bool: ...
+
+    async def issue(self, worker_id: str, miner_hotkey: str) -> wire.GatewayGrant: ...
 
 
 class MinerRequestError(Exception):
@@ -217,6 +242,9 @@ class MinerSession:
         self._batch_frames: dict[int, _Wait] = {}
         self._echoes: dict[int, _Echo] = {}
         self._gone: str | None = None
+        self.token_limiter = RateLimiter(TOKEN_PER_MINUTE / 60.0, TOKEN_BURST, clock=clock)
+        """Enrollment-token requests of this miner (its own bucket, apart from flooding)."""
+        self.token_tasks: set[asyncio.Task[None]] = set()
 
     def __repr__(self) -> str:
         state = f"gone: {self._gone}" if self._gone else "open"
@@ -377,6 +405,8 @@ class MinerSession:
             self.roster = msg
             self.roster_at = at
             return False
+        if isinstance(msg, wire.GatewayTokenRequest):  # served by the hub
+            return False
         if not isinstance(msg, wire.Pong):  # a second MinerHello
             log.debug(
                 "unexpected %s dropped", type(msg).__name__, extra=log_fields(miner=self.hotkey)
@@ -416,6 +446,8 @@ class MinerSession:
                 echo.future.set_exception(
                     MinerRequestError("disconnected", f"miner {self.hotkey} went away: {reason}")
                 )
+        for task in list(self.token_tasks):  # nobody is left to answer
+            task.cancel()
 
 
 _Event = Literal["roster", "offline"]
@@ -481,6 +513,7 @@ class MinerHub:
         signer: Signer,
         snapshot: SnapshotSource,
         listener: HubListener | None = None,
+        tokens: TokenIssuer | None = None,
         session_config: SessionConfig | None = None,
         close_timeout_s: float = DEFAULT_CLOSE_TIMEOUT_S,
         hook_drain_s: float = DEFAULT_HOOK_DRAIN_S,
@@ -492,6 +525,8 @@ class MinerHub:
         self.policy = policy
         self.listener = listener
         """Receives rosters and disconnects; set it before :meth:`start`."""
+        self.tokens = tokens
+        """Enrollment tokens for the miners' workers; None: the validator has no gateway."""
         self._signer = signer
         self._snapshot = snapshot
         self._verifier = BtAuthVerifier(
@@ -860,6 +895,8 @@ class MinerHub:
                 and self._sessions.get(session.hotkey) is session
             ):
                 self._events.post("roster", session)
+            if isinstance(frame.msg, wire.GatewayTokenRequest):
+                await self._token_request(session, frame.id, frame.msg)
             if not answered and not limiter.allow():
                 await self._refuse(
                     channel,
@@ -869,3 +906,85 @@ class MinerHub:
                     CloseCode.RATE_LIMITED,
                 )
                 return
+
+    # ------------------------------------------------------------------ enrollment tokens
+
+    async def _token_request(
+        self, session: MinerSession, frame_id: int, request: wire.GatewayTokenRequest
+    ) -> None:
+        """Refuse at once, or start the task that asks the gateway and answers."""
+        refusal: tuple[wire.ErrorCode, str] | None = None
+        tokens = self.tokens
+        if frame_id == 0:
+            refusal = (wire.ErrorCode.UNEXPECTED_MESSAGE, "a token request needs a frame id")
+        elif tokens is None or not tokens.configured:
+            refusal = (
+                wire.ErrorCode.NO_GATEWAY,
+                f"validator {self._signer.identity.display} has no gateway configured",
+            )
+        elif len(session.token_tasks) >= TOKEN_REQUESTS_IN_FLIGHT:
+            refusal = (
+                wire.ErrorCode.RATE_LIMITED,
+                f"{TOKEN_REQUESTS_IN_FLIGHT} token requests of this miner are already in flight",
+            )
+        elif not session.token_limiter.allow():
+            refusal = (
+                wire.ErrorCode.RATE_LIMITED,
+                f"at most {TOKEN_PER_MINUTE:g} token requests per minute (burst {TOKEN_BURST})",
+            )
+        if refusal is not None or tokens is None:
+            code, message = refusal or (wire.ErrorCode.INTERNAL, "no token issuer")
+            log.info(
+                "token request refused: %s",
+                message,
+                extra=log_fields(miner=session.hotkey, worker_id=request.worker_id),
+            )
+            await self._answer_token(
+                session, wire.CodedError(code, message).to_error(frame_id), frame_id
+            )
+            return
+        task = asyncio.create_task(
+            self._issue_token(tokens, session, frame_id, request.worker_id),
+            name=f"validator-token-{session.hotkey[:8]}",
+        )
+        session.token_tasks.add(task)
+        task.add_done_callback(session.token_tasks.discard)
+
+    async def _issue_token(
+        self, tokens: TokenIssuer, session: MinerSession, frame_id: int, worker_id: str
+    ) -> None:
+        answer: wire.Message
+        try:
+            # The session's proven hotkey, never the miner's say-so: records will carry it.
+            grant = await tokens.issue(worker_id, session.hotkey)
+        except wire.CodedError as exc:
+            answer = exc.to_error(frame_id)
+        except Exception:
+            log.exception(
+                "asking a gateway for a token failed",
+                extra=log_fields(miner=session.hotkey, worker_id=worker_id),
+            )
+            answer = wire.Error(
+                code=wire.ErrorCode.INTERNAL, message="validator error", ref=frame_id
+            )
+        else:
+            answer = wire.GatewayTokenGrant(worker_id=worker_id, grant=grant)
+        await self._answer_token(session, answer, frame_id)
+
+    async def _answer_token(
+        self, session: MinerSession, answer: wire.Message, frame_id: int
+    ) -> None:
+        if session.closed:
+            return
+        try:
+            await session.channel.send(answer, id=frame_id)
+        except ChannelClosed:
+            log.debug(
+                "token answer lost: the miner went away", extra=log_fields(miner=session.hotkey)
+            )
+        except wire.WireError:  # a grant that does not fit the wire: the issuer's bug
+            log.exception("token answer not sendable", extra=log_fields(miner=session.hotkey))
+            with contextlib.suppress(ChannelClosed, wire.WireError):
+                await session.channel.send_error(
+                    wire.ErrorCode.INTERNAL, "validator error", ref=frame_id
+                )

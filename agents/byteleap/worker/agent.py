@@ -17,6 +17,13 @@ challenge devices are set up off the loop (CPU ``cpu-0`` always; CUDA GPUs throu
 when the miner is unreachable (the agent is then configured and retrying; ``STATUS=`` says which).
 ``STATUS=`` follows every link state change. SIGTERM/SIGINT: ``STOPPING=1``, the link is closed
 with ``GOING_AWAY``, exit 0.
+
+With ``gateway.enabled`` (and a ``vm:`` section) the worker also takes leases: the
+:class:`~byteleap.worker.gateway_link.GatewayLink` enrolls with the gateway through the miner
+(:mod:`.gateway_enroll`), keeps an mTLS session to it and turns its leases into VMs
+(:class:`~byteleap.worker.vm.manager.LeaseVmManager`; with ``vm.domain_type: test`` on libvirt's
+test driver with a simulated GPU host). It runs beside the miner link; ``STATUS=`` shows both.
+A stop closes the gateway session but leaves the VMs running: a restart does not end a lease.
 """
 
 from __future__ import annotations
@@ -25,7 +32,7 @@ import argparse
 import asyncio
 import logging
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import NoReturn
 
@@ -38,12 +45,25 @@ from byteleap.core.identity import IdentityError, WorkerKey
 from byteleap.core.logs import log_fields, setup_logging
 from byteleap.core.systemd import Notifier, install_signal_handlers, run_watchdog, watchdog_interval
 
-from . import inventory
+from . import gateway_enroll, inventory
 from .challenges import ChallengeRunner, Device
 from .config import DEFAULT_CONFIG_PATH, ENV_PREFIX, WorkerConfig
+from .gateway_link import GatewayLink, GatewayLinkSettings, GatewayStatus
 from .link import LinkSettings, LinkState, LinkStatus, WorkerLink
+from .vm.gpus import GpuBinder, PreboundGpuBinder, SystemdGpuBinder
+from .vm.manager import LeaseVmManager
+from .vm.network import LeaseNetworkPort
+from .vm.simulated import SimulatedGpuBinder, SimulatedNetwork
 
-__all__ = ["CPU_DEVICE", "EXIT_CONFIG", "build_devices", "main"]
+__all__ = [
+    "CPU_DEVICE",
+    "EXIT_CONFIG",
+    "LEASES_DIR",
+    "build_devices",
+    "build_lease_vms",
+    "gateway_settings",
+    "main",
+]
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +72,7 @@ CPU_DEVICE = wire.CPU_DEVICE
 EXIT_CONFIG = 2
 SECRET_CREDENTIAL = "enrollment-secret"  # noqa: S105 - a credential name, not a secret
 KEY_FILE = "worker.key"
+LEASES_DIR = "leases"
 _GPU_PRECISIONS = frozenset({"fp32", "fp16"})
 _AMPERE_PRECISIONS = frozenset({"tf32", "bf16"})  # compute capability 8.0 and newer
 
@@ -136,6 +157,49 @@ def _major(compute_capability: str) -> int:
 
 
 # --------------------------------------------------------------------------------------------
+# Leases
+
+
+def build_lease_vms(cfg: WorkerConfig, state_dir: Path) -> LeaseVmManager:
+    """The VM manager the gateway link drives (the config guarantees a ``vm:`` section).
+
+    ``vm.domain_type: test`` is libvirt's test driver: nothing runs, so GPU binding and the
+    network are simulated too (no systemd unit, no bridge, no nftables).
+    """
+    vm = cfg.vm
+    if vm is None:
+        raise ValueError("leases need a vm: section")
+    binder: GpuBinder
+    network: LeaseNetworkPort | None = None
+    if vm.domain_type == "test":
+        binder = SimulatedGpuBinder()
+        network = SimulatedNetwork()
+    elif cfg.gpu.mode == "passthrough":
+        binder = PreboundGpuBinder()
+    else:
+        binder = SystemdGpuBinder(timeout_s=vm.gpu_timeout_s)
+    return LeaseVmManager(
+        vm.libvirt_uri, vm, binder, state_dir=state_dir / LEASES_DIR, network=network
+    )
+
+
+def gateway_settings(cfg: WorkerConfig) -> GatewayLinkSettings:
+    """The gateway link's settings. Raises ``ValueError`` naming the bad key."""
+    section = cfg.gateway
+    if section.ssh_host is None:
+        raise ValueError("gateway.ssh_host: required when gateway.enabled is true")
+    return GatewayLinkSettings(
+        ssh_host=section.ssh_host,
+        connect_timeout_s=section.connect_timeout_s,
+        reconnect_initial_s=section.reconnect_initial_s,
+        reconnect_max_s=section.reconnect_max_s,
+        enroll_retry_initial_s=section.enroll_retry_initial_s,
+        enroll_retry_max_s=section.enroll_retry_max_s,
+        expiry_grace_s=section.expiry_grace_s,
+    )
+
+
+# --------------------------------------------------------------------------------------------
 # Start-up
 
 
@@ -173,6 +237,7 @@ def main(
     try:
         cfg = load_config(config_path, WorkerConfig, env_prefix=ENV_PREFIX)
         settings = LinkSettings.from_config(cfg)
+        gateway = gateway_settings(cfg) if cfg.gateway.enabled else None
     except ConfigError as exc:
         _die(f"configuration error: {exc}")
     except ValueError as exc:  # LinkSettings: names the key
@@ -197,7 +262,7 @@ def main(
         extra=log_fields(worker_id=key.worker_id, miner_url=settings.url),
     )
     try:
-        code = asyncio.run(_serve(cfg, settings, key, secret, state_dir, runner_type))
+        code = asyncio.run(_serve(cfg, settings, key, secret, state_dir, runner_type, gateway))
     except KeyboardInterrupt:  # a second Ctrl-C during shutdown
         code = 130
     raise SystemExit(code)
@@ -210,20 +275,25 @@ async def _serve(
     secret: bytes,
     state_dir: Path,
     runner_type: type[ChallengeRunner] = ChallengeRunner,
+    gateway: GatewayLinkSettings | None = None,
 ) -> int:
     loop = asyncio.get_running_loop()
     notifier = Notifier()
     link: WorkerLink | None = None
+    gateway_link: GatewayLink | None = None
     stop_requested = asyncio.Event()
 
     async def on_stop() -> None:
         stop_requested.set()
+        if gateway_link is not None:
+            await gateway_link.stop()
         if link is not None:
             await link.stop()
 
     trigger = install_signal_handlers(loop, on_stop, notifier)
     watchdog = asyncio.create_task(run_watchdog(notifier, watchdog_interval()), name="watchdog")
     runner: ChallengeRunner | None = None
+    vms: LeaseVmManager | None = None
     try:
         notifier.status("starting: collecting the inventory and setting up challenge devices")
         inv = await asyncio.to_thread(inventory.collect_inventory)
@@ -236,15 +306,24 @@ async def _serve(
         )
         log.info("challenge devices: %s", ", ".join(runner.device_uuids))
         ready = False
+        lines = {"miner": "", "gateway": ""}
+
+        def publish() -> None:
+            notifier.status("; ".join(line for line in lines.values() if line))
 
         def on_status(status: LinkStatus) -> None:
             nonlocal ready
-            line = status.line()
+            lines["miner"] = status.line()
             if not ready and status.state in (LinkState.CONNECTED, LinkState.WAITING):
                 ready = True
-                notifier.ready(line)
+                notifier.ready(lines["miner"])
             elif status.state is not LinkState.STOPPED:
-                notifier.status(line)
+                publish()
+
+        def on_gateway_status(status: GatewayStatus) -> None:
+            lines["gateway"] = status.line()
+            if ready:
+                publish()
 
         link = WorkerLink(
             settings,
@@ -255,8 +334,13 @@ async def _serve(
             initial_inventory=inv,
             on_status=on_status,
         )
+        if gateway is not None:
+            vms = build_lease_vms(cfg, state_dir)
+            gateway_link = _gateway_link(
+                cfg, gateway, key, state_dir, runner, vms, link, on_gateway_status
+            )
         if not stop_requested.is_set():
-            await link.run()
+            await _run_links(link, gateway_link)
     except Exception:
         log.exception("%s failed", AGENT)
         notifier.stopping("failed; see the journal")
@@ -264,11 +348,63 @@ async def _serve(
     finally:
         if runner is not None:
             runner.close()
+        if vms is not None:
+            await vms.close()  # the VMs keep running: they are libvirt's
         watchdog.cancel()
     if trigger.task is not None:
         await trigger.wait()
     log.info("%s stopped", AGENT)
     return 0
+
+
+def _gateway_link(
+    cfg: WorkerConfig,
+    settings: GatewayLinkSettings,
+    key: WorkerKey,
+    state_dir: Path,
+    runner: ChallengeRunner,
+    vms: LeaseVmManager,
+    link: WorkerLink,
+    on_status: Callable[[GatewayStatus], None],
+) -> GatewayLink:
+    assert cfg.vm is not None  # the config refuses gateway.enabled without it
+
+    def load() -> gateway_enroll.GatewayEnrollment | None:
+        return gateway_enroll.GatewayEnrollment.load(state_dir, worker_id=key.worker_id)
+
+    async def enroll() -> gateway_enroll.GatewayEnrollment:
+        return await gateway_enroll.enroll(state_dir, key, link.request_gateway_grant)
+
+    return GatewayLink(
+        settings,
+        key=key,
+        vm=cfg.vm,
+        vms=vms,
+        duty=runner,
+        state_dir=state_dir,
+        load_enrollment=load,
+        enroll=enroll,
+        mode="passthrough" if cfg.gpu.mode == "passthrough" else "auto",
+        on_status=on_status,
+    )
+
+
+async def _run_links(link: WorkerLink, gateway_link: GatewayLink | None) -> None:
+    """Both links until they are stopped; one failing stops the other."""
+    tasks = [asyncio.create_task(link.run(), name="miner-link")]
+    if gateway_link is not None:
+        tasks.append(asyncio.create_task(gateway_link.run(), name="gateway-link"))
+    try:
+        done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
+        for task in done:
+            failure = None if task.cancelled() else task.exception()
+            if failure is not None:
+                raise failure
+    finally:
+        if gateway_link is not None:
+            await gateway_link.stop()
+        await link.stop()
+        await asyncio.gather(*tasks, return_exceptions=True)
 
 
 if __name__ == "__main__":

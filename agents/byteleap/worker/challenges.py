@@ -12,6 +12,11 @@ result also runs there (freeing device memory waits for the GPU), after any comp
 same device. The table of held results is only touched from the event loop's thread: every
 method is meant to be called there, and only the reading of revealed rows goes to a thread
 (:meth:`ChallengeRunner.reveal_off_loop`).
+
+A GPU handed to a lease leaves challenge duty first (:meth:`ChallengeRunner.withdraw`): new
+challenges on it are refused with ``DEVICE_LEASED``, the computation running on it is waited for
+and every result held in its memory is freed, so nothing of ours is on the GPU when it moves to
+vfio-pci. :meth:`ChallengeRunner.restore` takes it back after the lease.
 """
 
 from __future__ import annotations
@@ -19,7 +24,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 
 import msgspec
@@ -66,6 +71,9 @@ class ChallengeRunner:
         self._clock = clock
         self._prove = prover or (lambda spec, backend: prove(spec, backend))
         self._busy: set[str] = set()
+        self._leased: set[str] = set()
+        self._running: dict[str, int] = {}
+        """Device -> run() calls in progress on it (a result may still be stored)."""
         self._held: dict[bytes, _Held] = {}
         self._executors = {
             uuid: ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"challenge-{uuid}")
@@ -84,11 +92,61 @@ class ChallengeRunner:
     def held_results(self) -> int:
         return len(self._held)
 
+    @property
+    def leased_devices(self) -> frozenset[str]:
+        """Devices withdrawn from challenge duty for a lease."""
+        return frozenset(self._leased)
+
+    async def withdraw(self, uuids: Iterable[str]) -> None:
+        """Take these devices off challenge duty for a lease (before its VM gets them).
+
+        From now on a challenge on one of them is refused with ``DEVICE_LEASED``; this returns
+        once the computations on them have ended and the results held on them are freed.
+        Devices this runner does not challenge are ignored.
+        """
+        targets = {uuid for uuid in uuids if uuid in self._devices}
+        self._leased |= targets
+        if not targets:
+            return
+        # A computation may outlive its caller (deadline): wait until none runs on a target and
+        # no caller is still about to store a result, then free what is held there.
+        while targets & self._busy or any(self._running.get(uuid) for uuid in targets):
+            await self._drain(targets)
+            await asyncio.sleep(0)
+        for challenge_id in [
+            cid for cid, held in self._held.items() if held.proof.spec.device_uuid in targets
+        ]:
+            self.release(challenge_id)
+        await self._drain(targets)  # the frees run in the devices' executors
+        log.info("device(s) %s left challenge duty for a lease", ", ".join(sorted(targets)))
+
+    def restore(self, uuids: Iterable[str]) -> None:
+        """Put devices back on challenge duty after their lease ended."""
+        back = self._leased & set(uuids)
+        self._leased -= back
+        if back:
+            log.info("device(s) %s back on challenge duty", ", ".join(sorted(back)))
+
+    async def _drain(self, uuids: set[str]) -> None:
+        """Wait for what the devices' executors were given so far (each is one thread, FIFO)."""
+        loop = asyncio.get_running_loop()
+        barriers = []
+        for uuid in uuids:
+            try:
+                barriers.append(loop.run_in_executor(self._executors[uuid], _nothing))
+            except RuntimeError:  # closed runner: nothing runs any more
+                continue
+        await asyncio.gather(*barriers)
+
     def _spec(self, req: wire.ChallengeRequest) -> tuple[Device, ChallengeSpec]:
         device = self._devices.get(req.device_uuid)
         if device is None:
             raise ChallengeRefusedError(
                 wire.ErrorCode.DEVICE_UNKNOWN, f"no device {req.device_uuid!r} on this worker"
+            )
+        if device.uuid in self._leased:
+            raise ChallengeRefusedError(
+                wire.ErrorCode.DEVICE_LEASED, f"device {device.uuid} is leased"
             )
         if req.n > self._max_n:
             raise ChallengeRefusedError(
@@ -122,6 +180,18 @@ class ChallengeRunner:
         if uuid in self._busy:
             raise ChallengeRefusedError(wire.ErrorCode.DEVICE_BUSY, f"device {uuid} is busy")
         self._busy.add(uuid)
+        self._running[uuid] = self._running.get(uuid, 0) + 1
+        try:
+            return await self._compute(req, device, spec)
+        finally:
+            self._running[uuid] -= 1
+            if not self._running[uuid]:
+                del self._running[uuid]
+
+    async def _compute(
+        self, req: wire.ChallengeRequest, device: Device, spec: ChallengeSpec
+    ) -> wire.ChallengeCommit:
+        uuid = device.uuid
         started = self._clock()
         future = asyncio.get_running_loop().run_in_executor(
             self._executors[uuid], self._prove, spec, device.backend
@@ -150,6 +220,11 @@ class ChallengeRunner:
         finally:
             if future.done():  # else the done callback un-busies it when the thread ends
                 self._busy.discard(uuid)
+        if uuid in self._leased:  # leased meanwhile: the GPU goes to a VM, the result goes
+            self._free(proof)
+            raise ChallengeRefusedError(
+                wire.ErrorCode.DEVICE_LEASED, f"device {uuid} was leased during the challenge"
+            )
         elapsed_ms = int((self._clock() - started) * 1000)
         self._held[req.challenge_id] = _Held(proof=proof, expires_at=self._clock() + self._ttl)
         return wire.ChallengeCommit(
@@ -234,6 +309,10 @@ class ChallengeRunner:
             self.release(cid)
         for executor in self._executors.values():
             executor.shutdown(wait=False)
+
+
+def _nothing() -> None:
+    """The empty job :meth:`ChallengeRunner._drain` queues behind a device's work."""
 
 
 def _release(proof: ProvenChallenge) -> None:

@@ -45,6 +45,31 @@ class GpuSettings(ConfigStruct, frozen=True, kw_only=True):
     mode: Literal["host", "passthrough", "auto"] = "auto"
 
 
+class GatewaySection(ConfigStruct, frozen=True, kw_only=True):
+    # Take leases from a gateway (docs/leased-vms.md): needs a vm: section and ssh_host.
+    enabled: bool = False
+    # The DNS name or IP address renters reach this host's forwarded SSH ports at.
+    ssh_host: (
+        Annotated[str, Meta(min_length=1, max_length=253, pattern=r"\A[A-Za-z0-9.:-]+\Z")] | None
+    ) = None
+    connect_timeout_s: PositiveSeconds = 10.0
+    reconnect_initial_s: PositiveSeconds = 1.0
+    reconnect_max_s: PositiveSeconds = 60.0
+    # Enrolling asks the miner, a validator and the gateway: failures are retried more gently.
+    enroll_retry_initial_s: PositiveSeconds = 5.0
+    enroll_retry_max_s: PositiveSeconds = 300.0
+    # A lease still running this long after its end without word from the gateway is stopped.
+    expiry_grace_s: PositiveSeconds = 300.0
+
+    def __post_init__(self) -> None:
+        if self.reconnect_max_s < self.reconnect_initial_s:
+            raise ValueError("gateway.reconnect_max_s must not be smaller than reconnect_initial_s")
+        if self.enroll_retry_max_s < self.enroll_retry_initial_s:
+            raise ValueError(
+                "gateway.enroll_retry_max_s must not be smaller than enroll_retry_initial_s"
+            )
+
+
 class WorkerConfig(ConfigStruct, frozen=True, kw_only=True):
     state_dir: str = "/var/lib/byteleap/worker"
     miner: MinerLink = msgspec.field(default_factory=MinerLink)
@@ -53,6 +78,7 @@ class WorkerConfig(ConfigStruct, frozen=True, kw_only=True):
     gpu: GpuSettings = msgspec.field(default_factory=GpuSettings)
     # Leased VMs (docs/leased-vms.md); without this section the worker takes no leases.
     vm: VmSettings | None = None
+    gateway: GatewaySection = msgspec.field(default_factory=GatewaySection)
     logging: LoggingConfig = msgspec.field(default_factory=LoggingConfig)
 
     def __post_init__(self) -> None:
@@ -61,3 +87,16 @@ class WorkerConfig(ConfigStruct, frozen=True, kw_only=True):
                 "vm: leases need gpu.mode auto or passthrough (gpu.mode host keeps every GPU "
                 "on the NVIDIA driver)"
             )
+        vm = self.vm
+        if vm is not None and vm.domain_type == "test" and not vm.libvirt_uri.startswith("test:"):
+            raise ValueError(
+                "vm: domain_type test is libvirt's test driver: libvirt_uri must be test:///..."
+            )
+        if self.gateway.enabled:
+            if self.vm is None:
+                raise ValueError("gateway: enabled needs a vm: section (how leased VMs are built)")
+            if self.gateway.ssh_host is None:
+                raise ValueError(
+                    "gateway: enabled needs ssh_host, the name or address renters reach this "
+                    "host's SSH ports at"
+                )

@@ -23,6 +23,11 @@ One :class:`WorkerLink` owns the connection loop of docs/worker-miner.md:
 Results of challenges survive reconnects (a miner may still ask for the reveal); the runner frees
 them on ``ChallengeRelease`` or when their time to live runs out (swept periodically, connected or
 not). Clocks, sleeping, randomness and the inventory collectors are injectable for tests.
+
+The worker also asks the miner something: :meth:`WorkerLink.request_gateway_grant` sends
+``GatewayEnrollRequest`` (a fresh frame id) once a session is registered and waits for the
+``GatewayEnrollGrant`` or ``Error`` that repeats the id; the grant must name this worker.
+Failures are :class:`MinerRequestError` (with the miner's code when it answered one).
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ import dataclasses
 import enum
 import logging
 import random
+import secrets
 import time
 from collections.abc import Awaitable, Callable, Coroutine
 from pathlib import Path
@@ -61,12 +67,14 @@ from .challenges import ChallengeRefusedError, ChallengeRunner
 from .config import WorkerConfig
 
 __all__ = [
+    "GATEWAY_GRANT_TIMEOUT_S",
     "PIN_FILE",
     "PROLOGUE",
     "Backoff",
     "LinkSettings",
     "LinkState",
     "LinkStatus",
+    "MinerRequestError",
     "WorkerLink",
     "read_pin",
     "write_pin",
@@ -81,6 +89,8 @@ _SHUTDOWN_REASON: Final = "worker shutting down"
 _ROTATE_MARGIN_S: Final = 60.0  # reconnect this long before the session's maximum age
 _PIN_MAX_BYTES: Final = 256  # one ss58 address and a newline
 _REFUSED: Final = "refused by miner"
+GATEWAY_GRANT_TIMEOUT_S: Final = 60.0
+"""The miner tries its validators for up to 45 s; this leaves room for the way there and back."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -263,6 +273,20 @@ class _LinkDownError(Exception):
         self.refused = refused
 
 
+class MinerRequestError(Exception):
+    """A request to the miner got no answer it could use.
+
+    ``code`` is the miner's wire code when it refused (``NO_VALIDATOR``, ``NO_GATEWAY``,
+    ``GATEWAY_REFUSED``...); None when the worker never got an answer (not connected in time,
+    the link dropped, no answer in time).
+    """
+
+    def __init__(self, code: wire.ErrorCode | None, message: str) -> None:
+        super().__init__(f"{code.name}: {message}" if code is not None else message)
+        self.code = code
+        self.message = message
+
+
 def _internal(exc: Exception) -> wire.CodedError:
     return wire.CodedError(wire.ErrorCode.INTERNAL, f"internal error: {exc}")
 
@@ -317,6 +341,10 @@ class WorkerLink:
         self._sent_fingerprint = b""
         self._quick_sessions = 0
         """Registered sessions in a row that lasted at most ``stable_after_s``."""
+        self._channel: Channel | None = None
+        """The registered session's channel (None between sessions)."""
+        self._registered = asyncio.Event()
+        self._grant_waits: dict[int, asyncio.Future[wire.GatewayEnrollGrant]] = {}
 
     # -- public ------------------------------------------------------------------------------
     @property
@@ -352,6 +380,85 @@ class WorkerLink:
             self._task = None
             self._finished.set()
 
+    async def request_gateway_grant(
+        self,
+        timeout_s: float = GATEWAY_GRANT_TIMEOUT_S,
+    ) -> wire.GatewayEnrollGrant:
+        """Ask the miner for a gateway enrollment token for this worker.
+
+        Waits for a registered session (within ``timeout_s``, which bounds the whole exchange).
+        Raises :class:`MinerRequestError`.
+        """
+        try:
+            async with asyncio.timeout(timeout_s):
+                while True:
+                    await self._registered.wait()
+                    channel = self._channel
+                    if channel is not None:
+                        break
+                    await asyncio.sleep(0)  # cleared meanwhile: wait for the next session
+                frame_id = self._new_request_id()
+                future: asyncio.Future[wire.GatewayEnrollGrant] = (
+                    asyncio.get_running_loop().create_future()
+                )
+                self._grant_waits[frame_id] = future
+                try:
+                    await channel.send(wire.GatewayEnrollRequest(), id=frame_id)
+                    grant = await future
+                finally:
+                    self._grant_waits.pop(frame_id, None)
+                    if not future.done():
+                        future.cancel()
+        except TimeoutError:
+            what = "answer" if self._channel is not None else "registered session with the miner"
+            raise MinerRequestError(
+                None, f"no {what} within {timeout_s:g} s asking for a gateway token"
+            ) from None
+        except ChannelClosed as exc:
+            raise MinerRequestError(
+                None, f"the miner link closed while asking for a gateway token: {exc.reason}"
+            ) from None
+        if grant.worker_id != self._key.worker_id:
+            raise MinerRequestError(
+                None,
+                f"the miner answered with a token for worker {grant.worker_id}, "
+                f"not this one ({self._key.worker_id})",
+            )
+        return grant
+
+    def _new_request_id(self) -> int:
+        while True:
+            frame_id = secrets.randbits(63)
+            if frame_id > 1 and frame_id not in self._grant_waits:  # 1 is Register's
+                return frame_id
+
+    def _grant_answer(self, frame: wire.Frame) -> bool:
+        """Resolve the request ``frame`` answers; False if it answers none."""
+        msg = frame.msg
+        keys = [frame.id, msg.ref] if isinstance(msg, wire.Error) else [frame.id]
+        for key in keys:
+            future = self._grant_waits.get(key) if key else None
+            if future is None or future.done():
+                continue
+            if isinstance(msg, wire.GatewayEnrollGrant):
+                future.set_result(msg)
+            elif isinstance(msg, wire.Error):
+                future.set_exception(MinerRequestError(msg.code, msg.message or "refused"))
+            else:
+                return False
+            return True
+        return False
+
+    def _session_ended(self, reason: str) -> None:
+        self._channel = None
+        self._registered.clear()
+        waits, self._grant_waits = self._grant_waits, {}
+        for future in waits.values():
+            if not future.done():
+                future.set_exception(
+                    MinerRequestError(None, f"the miner link closed while asking: {reason}")
+                )
+
     async def stop(self) -> None:
         """Close the link (``GOING_AWAY`` to the miner) and make :meth:`run` return."""
         self._stopping = True
@@ -377,8 +484,11 @@ class WorkerLink:
                 ack_interval = await self._register(channel)
                 registered_at = self._clock()
                 self._on_registered(channel)
+                self._channel = channel
+                self._registered.set()
                 await self._serve(channel, ack_interval)
             finally:
+                self._session_ended("stopping" if self._stopping else "reconnecting")
                 if self._stopping:
                     await channel.close(CloseCode.GOING_AWAY, _SHUTDOWN_REASON)
                 else:
@@ -632,9 +742,14 @@ class WorkerLink:
                     msg.challenge_id.hex(),
                     "freed" if freed else "nothing held",
                 )
+            elif isinstance(msg, wire.GatewayEnrollGrant):
+                if not self._grant_answer(frame):
+                    log.debug("gateway grant for no pending request dropped")
             elif isinstance(msg, wire.Ping):
                 await channel.send(wire.Pong(nonce=msg.nonce), id=frame.id)
             elif isinstance(msg, wire.Error):
+                if self._grant_answer(frame):
+                    continue
                 self._peer_error = msg
                 log.warning(
                     "miner reported an error: %s: %s (ref %d)",

@@ -63,6 +63,7 @@ from .network import (
 from .seed import SeedSpec, validate_ssh_public_key, write_seed_iso
 
 __all__ = [
+    "HostGpu",
     "LeaseVmManager",
     "LeaseVmSpec",
     "RecoveryReport",
@@ -127,6 +128,16 @@ class VmStatus:
     state: VmState
     guest_agent: GuestAgentState
     info: VmInfo | None
+
+
+@dataclass(frozen=True, kw_only=True)
+class HostGpu:
+    """A GPU of this host as libvirt knows it; ``problem`` says why it cannot be leased."""
+
+    address: str
+    vendor_id: int
+    product: str
+    problem: str | None
 
 
 @dataclass(frozen=True)
@@ -284,6 +295,31 @@ class LeaseVmManager:
             held = {gpu for state in states for gpu in (*state.gpus, *state.hostdevs)}
             functions = list_display_functions(self._connection())
             return [str(f.address) for f in functions if str(f.address) not in held]
+
+        return await asyncio.to_thread(find)
+
+    async def host_gpus(self) -> list[HostGpu]:
+        """Every GPU libvirt knows on this host, leased or not, with why one is unleasable
+        (an IOMMU group shared with a device of the host, no IOMMU group at all)."""
+
+        def find() -> list[HostGpu]:
+            conn = self._connection()
+            gpus = []
+            for function in list_display_functions(conn):
+                problem = None
+                try:
+                    passthrough_functions(conn, function.address)
+                except VmError as exc:
+                    problem = str(exc)
+                gpus.append(
+                    HostGpu(
+                        address=str(function.address),
+                        vendor_id=function.vendor_id,
+                        product=function.product,
+                        problem=problem,
+                    )
+                )
+            return gpus
 
         return await asyncio.to_thread(find)
 

@@ -1,0 +1,271 @@
+"""The miner's part in gateway enrollment, on loopback.
+
+Worker side: a scripted worker (conftest ``FakeWorker``) sends ``GatewayEnrollRequest`` to a real
+``MinerServer`` whose token source is a stand-in. Validator side: the real ``ValidatorUplinks``
+dial scripted validators (test_uplink.py's ``FakeValidator``) found on a devnet chain, which
+answer ``GatewayTokenRequest`` as each test says.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import aiohttp
+import pytest
+
+from byteleap.chain.devnet import DevnetChain
+from byteleap.core import wire
+from byteleap.miner.relay import RelayError
+from byteleap.miner.server import ENROLL_BURST
+from byteleap.miner.uplink import client_session
+from tests.support.fixtures import WAIT, eventually
+
+from .conftest import FakeWorker, MakeMiner, Miner, alice
+from .test_uplink import NETUID, CountingChain, FakeValidator, Harness, _hello
+
+GRANT = wire.GatewayGrant(
+    gateway_id="ab" * 16,
+    token="ble_" + "A" * 43,
+    expires_at=2_000_000_000.0,
+    enroll_url="https://gw.example.org:8443/v1/enroll",
+    ws_url="wss://gw.example.org:8444/v1/worker",
+    ca_pem="-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n",
+)
+
+
+@dataclass
+class Source:
+    """A token source standing in for the validator links."""
+
+    refuse: RelayError | None = None
+    gate: asyncio.Event | None = None
+    asked: list[str] = field(default_factory=list)
+    cancelled: int = 0
+
+    async def __call__(self, worker_id: str) -> wire.GatewayGrant:
+        self.asked.append(worker_id)
+        if self.gate is not None:
+            try:
+                await self.gate.wait()
+            except asyncio.CancelledError:
+                self.cancelled += 1
+                raise
+        if self.refuse is not None:
+            raise self.refuse
+        return GRANT
+
+
+async def registered(miner: Miner, http: aiohttp.ClientSession) -> FakeWorker:
+    worker = FakeWorker()
+    await worker.connect(http, miner.url)
+    return worker
+
+
+async def ask(worker: FakeWorker, frame_id: int) -> wire.Message:
+    """Send a GatewayEnrollRequest and return the frame that answers it."""
+    assert worker.channel is not None
+    await worker.channel.send(wire.GatewayEnrollRequest(), id=frame_id)
+    return await answer(worker, frame_id)
+
+
+async def answer(worker: FakeWorker, frame_id: int) -> wire.Message:
+    while True:
+        frame = await worker._recv()
+        if frame.id == frame_id:
+            return frame.msg
+
+
+# ------------------------------------------------------------------------------------------------
+# Worker -> miner
+
+
+async def test_the_grant_is_for_the_sessions_worker(
+    make_miner: MakeMiner, http: aiohttp.ClientSession
+) -> None:
+    miner = await make_miner()
+    source = Source()
+    miner.connections.set_gateway_tokens(source)
+    worker = await registered(miner, http)
+    reply = await ask(worker, 77)
+    assert reply == wire.GatewayEnrollGrant(worker_id=worker.worker_id, grant=GRANT)
+    assert source.asked == [worker.worker_id]
+
+
+async def test_without_validator_links_the_answer_is_no_validator(
+    make_miner: MakeMiner, http: aiohttp.ClientSession
+) -> None:
+    miner = await make_miner()
+    worker = await registered(miner, http)
+    reply = await ask(worker, 3)
+    assert isinstance(reply, wire.Error)
+    assert (reply.code, reply.ref) == (wire.ErrorCode.NO_VALIDATOR, 3)
+
+
+async def test_a_refusal_from_upstream_reaches_the_worker_with_its_code(
+    make_miner: MakeMiner, http: aiohttp.ClientSession
+) -> None:
+    miner = await make_miner()
+    miner.connections.set_gateway_tokens(
+        Source(refuse=RelayError(wire.ErrorCode.NO_GATEWAY, "validator X: no gateway"))
+    )
+    worker = await registered(miner, http)
+    reply = await ask(worker, 8)
+    assert reply == wire.Error(
+        code=wire.ErrorCode.NO_GATEWAY, message="validator X: no gateway", ref=8
+    )
+
+
+async def test_one_request_at_a_time_and_a_few_in_all(
+    make_miner: MakeMiner, http: aiohttp.ClientSession
+) -> None:
+    miner = await make_miner()
+    source = Source(gate=asyncio.Event())
+    miner.connections.set_gateway_tokens(source)
+    worker = await registered(miner, http)
+    assert worker.channel is not None
+    await worker.channel.send(wire.GatewayEnrollRequest(), id=1)
+    await eventually(lambda: len(source.asked) == 1)
+    busy = await ask(worker, 2)
+    assert isinstance(busy, wire.Error) and busy.code is wire.ErrorCode.RATE_LIMITED
+    assert "already in flight" in busy.message
+    assert source.gate is not None
+    source.gate.set()
+    assert isinstance(await answer(worker, 1), wire.GatewayEnrollGrant)
+    for frame_id in range(3, 3 + ENROLL_BURST - 1):  # a refusal as busy took no token
+        assert isinstance(await ask(worker, frame_id), wire.GatewayEnrollGrant)
+    over = await ask(worker, 50)
+    assert isinstance(over, wire.Error) and over.code is wire.ErrorCode.RATE_LIMITED
+    assert "one per 20 s" in over.message
+    assert len(source.asked) == ENROLL_BURST
+    no_id = await ask(worker, 0)
+    assert isinstance(no_id, wire.Error) and no_id.code is wire.ErrorCode.UNEXPECTED_MESSAGE
+
+
+async def test_a_worker_that_leaves_cancels_its_request(
+    make_miner: MakeMiner, http: aiohttp.ClientSession
+) -> None:
+    miner = await make_miner()
+    source = Source(gate=asyncio.Event())
+    miner.connections.set_gateway_tokens(source)
+    worker = await registered(miner, http)
+    assert worker.channel is not None
+    await worker.channel.send(wire.GatewayEnrollRequest(), id=1)
+    await eventually(lambda: len(source.asked) == 1)
+    await worker.close()
+    await eventually(lambda: source.cancelled == 1)
+
+
+# ------------------------------------------------------------------------------------------------
+# Miner -> validators
+
+
+@pytest.fixture
+async def harness(
+    tmp_path: Path, make_miner: MakeMiner, http: aiohttp.ClientSession
+) -> AsyncIterator[Harness]:
+    chain = DevnetChain.create(tmp_path / "chain.db", netuid=NETUID)
+    chain.register(NETUID, alice().ss58_address)
+    miner = await make_miner()
+    port = CountingChain(chain.as_hotkey(alice().ss58_address))
+    async with client_session() as uplink_http:
+        h = Harness(chain, port, miner, http, uplink_http)
+        yield h
+        if h.uplinks is not None:
+            await h.uplinks.stop()
+        for runner in h.runners:
+            await runner.cleanup()
+
+
+async def token_request(fake: FakeValidator, worker_id: str) -> int:
+    """The id of the next GatewayTokenRequest ``fake`` receives (for ``worker_id``)."""
+    frame = await fake.expect_frame(wire.GatewayTokenRequest, lambda m: m.worker_id == worker_id)
+    return frame.id
+
+
+async def test_validators_are_asked_by_stake_until_one_grants(harness: Harness) -> None:
+    rich = await harness.validator("//Bob", stake_tao=9000)
+    poor = await harness.validator("//Charlie", stake_tao=2000)
+    uplinks = harness.start()
+    await _hello(rich)
+    await _hello(poor)
+    await eventually(lambda: uplinks.connected_count == 2)
+    worker = "12" * 16
+    pending = asyncio.create_task(uplinks.gateway_token(worker))
+    first = await token_request(rich, worker)
+    assert poor.frames.empty()  # one at a time
+    await rich.channel.send(
+        wire.Error(code=wire.ErrorCode.NO_GATEWAY, message="no gateway", ref=first), id=first
+    )
+    second = await token_request(poor, worker)
+    await poor.channel.send(wire.GatewayTokenGrant(worker_id=worker, grant=GRANT), id=second)
+    assert await asyncio.wait_for(pending, WAIT) == GRANT
+
+
+async def test_every_refusal_is_named_and_the_most_telling_code_wins(harness: Harness) -> None:
+    bob = await harness.validator("//Bob", stake_tao=9000)
+    charlie = await harness.validator("//Charlie", stake_tao=2000)
+    uplinks = harness.start()
+    await _hello(bob)
+    await _hello(charlie)
+    await eventually(lambda: uplinks.connected_count == 2)
+    worker = "34" * 16
+    pending = asyncio.create_task(uplinks.gateway_token(worker))
+    frame_id = await token_request(bob, worker)
+    await bob.channel.send_error(wire.ErrorCode.NO_GATEWAY, "no gateway here", ref=frame_id)
+    frame_id = await token_request(charlie, worker)
+    await charlie.channel.send_error(
+        wire.ErrorCode.GATEWAY_REFUSED, "gateway m: worker_revoked", ref=frame_id
+    )
+    with pytest.raises(RelayError) as info:
+        await asyncio.wait_for(pending, WAIT)
+    assert info.value.code is wire.ErrorCode.GATEWAY_REFUSED
+    assert "no gateway here" in info.value.message
+    assert "worker_revoked" in info.value.message
+
+
+async def test_a_silent_validator_times_out_and_a_closing_one_fails_at_once(
+    harness: Harness,
+) -> None:
+    bob = await harness.validator("//Bob")
+    uplinks = harness.start(token_timeout_s=0.3)
+    await _hello(bob)
+    await eventually(lambda: uplinks.connected_count == 1)
+    worker = "56" * 16
+    with pytest.raises(RelayError) as info:
+        await uplinks.gateway_token(worker)
+    assert info.value.code is wire.ErrorCode.GATEWAY_UNAVAILABLE
+    assert "did not answer within 0.3 s" in info.value.message
+
+    pending = asyncio.create_task(uplinks.gateway_token(worker))
+    await token_request(bob, worker)
+    await token_request(bob, worker)  # the second request (the first one timed out)
+    await bob.channel.close()
+    with pytest.raises(RelayError) as info:
+        await asyncio.wait_for(pending, WAIT)
+    assert info.value.code is wire.ErrorCode.NO_VALIDATOR
+    assert "closed" in info.value.message
+
+
+async def test_a_grant_for_another_worker_is_refused(harness: Harness) -> None:
+    bob = await harness.validator("//Bob")
+    uplinks = harness.start()
+    await _hello(bob)
+    await eventually(lambda: uplinks.connected_count == 1)
+    worker = "78" * 16
+    pending = asyncio.create_task(uplinks.gateway_token(worker))
+    frame_id = await token_request(bob, worker)
+    await bob.channel.send(wire.GatewayTokenGrant(worker_id="9a" * 16, grant=GRANT), id=frame_id)
+    with pytest.raises(RelayError) as info:
+        await asyncio.wait_for(pending, WAIT)
+    assert info.value.code is wire.ErrorCode.UNEXPECTED_MESSAGE
+    assert "for worker " + "9a" * 16 in info.value.message
+
+
+async def test_no_connected_validator_is_no_validator(harness: Harness) -> None:
+    uplinks = harness.start()
+    with pytest.raises(RelayError) as info:
+        await uplinks.gateway_token("bc" * 16)
+    assert info.value.code is wire.ErrorCode.NO_VALIDATOR
