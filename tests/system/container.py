@@ -7,7 +7,8 @@ container's PID 1, because the host has no systemd (no machined, no ``machinectl
 is also why nspawn runs with ``--register=no --keep-unit``. Each container gets its own host
 cgroup (the host's hierarchies are v1 plus an empty unified one): without it, two containers'
 services would share one host cgroup. ``--private-network`` leaves only ``lo`` inside, so the
-agents' fixed ports never meet anything on the host.
+agents' fixed ports never meet anything on the host; :func:`start_detached` (the molecule scenario's
+create and destroy, two processes) may share the host's network instead, like a real host.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import signal
 import subprocess
 import time
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 CGROUP_HIERARCHIES = (Path("/sys/fs/cgroup/systemd"), Path("/sys/fs/cgroup/unified"))
@@ -169,6 +171,46 @@ def _poweroff(container: BootedContainer) -> None:
             nspawn.wait(timeout=30)
 
 
+def _nspawn_args(
+    root: Path,
+    machine: str,
+    *,
+    binds: Sequence[tuple[Path, str]],
+    binds_rw: Sequence[tuple[Path, str]],
+    private_network: bool,
+) -> list[str]:
+    return [
+        "systemd-nspawn",
+        "--quiet",
+        f"--directory={root}",
+        f"--machine={machine}",
+        "--register=no",
+        "--keep-unit",
+        "--console=passive",
+        "--volatile=overlay",
+        *(["--private-network"] if private_network else []),
+        *(f"--bind-ro={host}:{inside}" for host, inside in binds),
+        *(f"--bind={host}:{inside}" for host, inside in binds_rw),
+        "--boot",
+    ]
+
+
+def _spawn(nspawn_args: list[str], cgroups: Sequence[Path], log: Path) -> subprocess.Popen[bytes]:
+    env = {
+        **os.environ,
+        "BYTELEAP_CGROUP_PROCS": " ".join(str(c / "cgroup.procs") for c in cgroups),
+    }
+    with log.open("wb") as console:
+        return subprocess.Popen(
+            ["/bin/sh", "-c", _JOIN_CGROUPS, "sh", *nspawn_args],
+            stdin=subprocess.DEVNULL,
+            stdout=console,
+            stderr=subprocess.STDOUT,
+            env=env,
+            start_new_session=True,
+        )
+
+
 @contextlib.contextmanager
 def booted(
     root: Path, machine: str, log: Path, *, binds: Sequence[tuple[Path, str]] = ()
@@ -178,32 +220,8 @@ def booted(
     ``binds``: host paths mounted read-only at the given paths inside.
     """
     cgroups = _make_cgroups(f"byteleap-{machine}")
-    nspawn_args = [
-        "systemd-nspawn",
-        "--quiet",
-        f"--directory={root}",
-        f"--machine={machine}",
-        "--register=no",
-        "--keep-unit",
-        "--console=passive",
-        "--volatile=overlay",
-        "--private-network",
-        *(f"--bind-ro={host}:{inside}" for host, inside in binds),
-        "--boot",
-    ]
-    env = {
-        **os.environ,
-        "BYTELEAP_CGROUP_PROCS": " ".join(str(c / "cgroup.procs") for c in cgroups),
-    }
-    with log.open("wb") as console:
-        nspawn = subprocess.Popen(
-            ["/bin/sh", "-c", _JOIN_CGROUPS, "sh", *nspawn_args],
-            stdin=subprocess.DEVNULL,
-            stdout=console,
-            stderr=subprocess.STDOUT,
-            env=env,
-            start_new_session=True,
-        )
+    nspawn_args = _nspawn_args(root, machine, binds=binds, binds_rw=(), private_network=True)
+    nspawn = _spawn(nspawn_args, cgroups, log)
     container: BootedContainer | None = None
     try:
         container = BootedContainer(nspawn, _wait_for_leader(nspawn, log), log)
@@ -216,3 +234,100 @@ def booted(
             nspawn.send_signal(signal.SIGKILL)
             nspawn.wait(timeout=30)
         _remove_cgroups(cgroups)
+
+
+# Containers that outlive the process that booted them (molecule's create and destroy are two
+# processes): everything the stopping process needs is in a Detached, which is JSON-friendly.
+
+
+@dataclass(frozen=True)
+class Detached:
+    """A running container booted by :func:`start_detached`."""
+
+    nspawn_pid: int
+    nspawn_start_ticks: int
+    """Start time of the nspawn process (/proc/PID/stat): a recycled PID is never signalled."""
+    leader: int
+    cgroups: tuple[str, ...]
+    log: str
+
+
+def _start_ticks(pid: int) -> int | None:
+    """Start time of ``pid`` in clock ticks, None once it is gone (or a zombie)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = stat.rsplit(")", 1)[1].split()
+    return None if fields[0] == "Z" else int(fields[19])
+
+
+def start_detached(
+    root: Path,
+    machine: str,
+    log: Path,
+    *,
+    binds: Sequence[tuple[Path, str]] = (),
+    binds_rw: Sequence[tuple[Path, str]] = (),
+    private_network: bool = True,
+) -> Detached:
+    """Boot ``root`` like :func:`booted` and leave it running; :func:`stop_detached` ends it.
+
+    ``binds_rw``: host paths mounted read-write. ``private_network=False`` shares the host's
+    network (apt inside reaches the mirror like a real host).
+    """
+    cgroups = _make_cgroups(f"byteleap-{machine}")
+    args = _nspawn_args(
+        root, machine, binds=binds, binds_rw=binds_rw, private_network=private_network
+    )
+    nspawn = _spawn(args, cgroups, log)
+    try:
+        container = BootedContainer(nspawn, _wait_for_leader(nspawn, log), log)
+        _wait_until_running(container)
+        start = _start_ticks(nspawn.pid)
+        if start is None:
+            raise ContainerError(f"systemd-nspawn exited right after booting:\n{_tail(log)}")
+    except BaseException:
+        if nspawn.poll() is None:
+            nspawn.send_signal(signal.SIGKILL)
+            nspawn.wait(timeout=30)
+        _remove_cgroups(cgroups)
+        raise
+    return Detached(
+        nspawn_pid=nspawn.pid,
+        nspawn_start_ticks=start,
+        leader=container.leader,
+        cgroups=tuple(str(c) for c in cgroups),
+        log=str(log),
+    )
+
+
+def _alive(detached: Detached) -> bool:
+    return _start_ticks(detached.nspawn_pid) == detached.nspawn_start_ticks
+
+
+def stop_detached(detached: Detached, timeout: float = POWEROFF_TIMEOUT_S) -> bool:
+    """Power the container off (SIGKILL after ``timeout``) and remove its cgroups.
+
+    True: it powered off cleanly or was already gone; False: it had to be killed.
+    """
+    clean = True
+    if _alive(detached):
+        subprocess.run(
+            ["nsenter", "-t", str(detached.leader), "-a", "systemctl", "poweroff", "--no-block"],
+            capture_output=True,
+            timeout=60,
+            check=False,
+        )
+        deadline = time.monotonic() + timeout
+        while _alive(detached) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        if _alive(detached):
+            clean = False
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(detached.nspawn_pid, signal.SIGKILL)
+            deadline = time.monotonic() + 30
+            while _alive(detached) and time.monotonic() < deadline:
+                time.sleep(0.2)
+    _remove_cgroups([Path(c) for c in detached.cgroups])
+    return clean
