@@ -11,6 +11,7 @@ every manager: like libvirtd, it outlives a crashed worker.
 from __future__ import annotations
 
 import hashlib
+import json
 import subprocess
 import threading
 import time
@@ -226,7 +227,7 @@ def vm_settings(tmp_path: Path, **overrides: Any) -> VmSettings:
         "vm_dir": str(tmp_path / "vms"),
         "base_image": str(base),
         "base_image_sha256": digest,
-        "disk_gib": 1,
+        "max_disk_gib": 4,
         "vcpus_per_gpu": 4,
         "memory_mib_per_gpu": 1024,
         "firmware": "bios",
@@ -235,6 +236,16 @@ def vm_settings(tmp_path: Path, **overrides: Any) -> VmSettings:
     }
     values.update(overrides)
     return VmSettings(**values)
+
+
+def virtual_size(image: Path) -> int:
+    """The virtual size of a disk image in bytes, as qemu-img reads it."""
+    out = subprocess.run(
+        ["qemu-img", "info", "--output=json", str(image)], check=True, capture_output=True
+    )
+    size = json.loads(out.stdout)["virtual-size"]
+    assert isinstance(size, int)
+    return size
 
 
 def _sha256(path: Path) -> str:

@@ -395,6 +395,24 @@ def test_missing_fields_and_envelope_fields_are_rejected() -> None:
     )
 
 
+def _heartbeat(**over: Any) -> bytes:
+    return _raw_frame(
+        {"type": "heartbeat", "uptime_s": 1.0, "load1": 0.5, "mem_used_bytes": 1, **over}
+    )
+
+
+def test_heartbeat_names_the_leased_gpus() -> None:
+    plain = decode(*UP, _heartbeat()).msg
+    assert isinstance(plain, wire.Heartbeat) and plain.leased_devices == []
+    leased = decode(*UP, _heartbeat(leased_devices=["GPU-8f1c0a52", "PCI-0000:41:00.0"])).msg
+    assert isinstance(leased, wire.Heartbeat)
+    assert leased.leased_devices == ["GPU-8f1c0a52", "PCI-0000:41:00.0"]
+    too_many = [f"GPU-{i}" for i in range(wire.MAX_DEVICES_PER_WORKER + 1)]
+    for bad in (too_many, ["GPU 1"], [""], ["x" * 65], "GPU-1", [7]):
+        err = _code(UP, _heartbeat(leased_devices=bad))
+        assert err.code is ErrorCode.BAD_FRAME and "leased_devices" in err.message, bad
+
+
 def _request(**over: Any) -> dict[str, Any]:
     base = {
         "type": "challenge_request",
@@ -698,6 +716,7 @@ def test_largest_roster_and_batches_fit() -> None:
             wire.GpuLive(uuid=f"{i:064d}", util_pct=100, mem_used_bytes=2**63 - 1, temp_c=-64)
             for i in range(wire.MAX_DEVICES_PER_WORKER)
         ],
+        leased_devices=[f"{i:064d}" for i in range(wire.MAX_DEVICES_PER_WORKER)],
     )
     assert decode(*UP, encode(Frame(msg=heartbeat))).msg == heartbeat
 

@@ -163,6 +163,11 @@ class RateLimiter:
             return True
         return False
 
+    def refund(self, cost: float = 1.0) -> None:
+        """Give back ``cost`` tokens that :meth:`allow` took for work that did not happen
+        (never above ``burst``)."""
+        self._tokens = min(self._burst, self._tokens + cost)
+
 
 def _sealed_limit(link: wire.Link, direction: wire.Direction) -> int:
     """The largest sealed frame of ``link`` in ``direction``: the wire limit plus the overhead."""

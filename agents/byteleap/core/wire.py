@@ -411,6 +411,9 @@ class Heartbeat(Message, tag="heartbeat", frozen=True, kw_only=True):
     load1: Annotated[float, Meta(ge=0, le=1e6)]
     mem_used_bytes: _ByteCount
     gpus: Annotated[list[GpuLive], Meta(max_length=MAX_DEVICES_PER_WORKER)] = []
+    leased_devices: Annotated[list[DeviceUuid], Meta(max_length=MAX_DEVICES_PER_WORKER)] = []
+    """GPUs (by their inventory uuid) that this worker's leased VMs hold right now; the miner
+    keeps those its inventory lists and reports them in the roster's ``leased_devices``."""
 
 
 class ChallengeCommit(Message, tag="challenge_commit", frozen=True, kw_only=True):

@@ -532,7 +532,7 @@ class Devnet:
                 "vm_dir": str(self.root / "vms" / role.name),
                 "base_image": str(base),
                 "base_image_sha256": digest,
-                "disk_gib": VM_DISK_GIB,
+                "max_disk_gib": VM_DISK_GIB * GPUS_PER_WORKER,
                 "vcpus_per_gpu": VM_VCPUS_PER_GPU,
                 "memory_mib_per_gpu": VM_MEMORY_MIB_PER_GPU,
                 "firmware": "bios",

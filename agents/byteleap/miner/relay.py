@@ -18,7 +18,8 @@ Every request has a deadline. Every refusal is a :class:`RelayError` whose ``cod
 =====================  ====================================================================
 ``WORKER_OFFLINE``     no live connection, or it went away while the request was pending
 ``DEVICE_UNKNOWN``     the device is not in the worker's inventory
-``DEVICE_LEASED``      ``is_leased(worker_id, device_uuid)`` says the device is rented out
+``DEVICE_LEASED``      ``is_leased(worker_id, device_uuid)`` says the device is rented out (by
+                       default: the worker's last heartbeat lists it in ``leased_devices``)
 ``DEVICE_BUSY``        a challenge is already in flight on that device
 ``CHALLENGE_EXPIRED``  no answer before the deadline
 (worker's code)        the worker answered with ``Error`` (e.g. ``CHALLENGE_UNKNOWN``)
@@ -31,7 +32,8 @@ because the worker's thread is still computing and a second request would only b
 
 The validator-facing relay plugs in here: ``DeviceChallenge.request()`` and
 ``DeviceRevealRequest.request()`` build the worker messages, ``RelayError.code`` becomes
-``DeviceFailure.code``, and ``is_leased`` can be backed by the lease records it learns.
+``DeviceFailure.code``, and ``is_leased`` defaults to what the workers' heartbeats say
+(:attr:`WorkerLink.leased_devices`).
 
 Requests also travel up: a worker's ``GatewayEnrollRequest`` asks the validators for a gateway
 enrollment token. :meth:`WorkerConnections.gateway_grant` hands it to the source the validator
@@ -111,10 +113,6 @@ def inventory_devices(inventory: wire.Inventory | None) -> frozenset[str]:
     return frozenset({CPU_DEVICE_UUID, *(gpu.uuid for gpu in gpus)})
 
 
-def _never_leased(worker_id: str, device_uuid: str) -> bool:
-    return False
-
-
 class _Pending:
     __slots__ = ("device", "expect", "future", "kind")
 
@@ -171,6 +169,15 @@ class WorkerLink:
     @property
     def pending(self) -> int:
         return len(self._pending)
+
+    @property
+    def leased_devices(self) -> frozenset[str]:
+        """GPUs the last heartbeat says are in leased VMs, of those the inventory lists (a
+        worker cannot mark another worker's or an invented device)."""
+        if self.heartbeat is None or not self.heartbeat.leased_devices:
+            return frozenset()
+        listed = {gpu.uuid for gpu in self.inventory.gpus}
+        return frozenset(uuid for uuid in self.heartbeat.leased_devices if uuid in listed)
 
     def record_heartbeat(self, heartbeat: wire.Heartbeat) -> None:
         self.heartbeat = heartbeat
@@ -266,8 +273,9 @@ class WorkerConnections:
         on_outcome: Callable[[str, bool], None] | None = None,
     ) -> None:
         """``on_outcome(worker_id, ok)`` is told when a challenge ends on the worker's side:
-        ok when its reveal arrived, not ok when the worker refused, failed or timed out."""
-        self.is_leased: IsLeased = is_leased or _never_leased
+        ok when its reveal arrived, not ok when the worker refused, failed or timed out.
+        ``is_leased`` defaults to the live worker's heartbeat (:meth:`leased_by_heartbeat`)."""
+        self.is_leased: IsLeased = is_leased or self.leased_by_heartbeat
         self._devices_of = devices_of
         self._late_grace = late_grace_s
         self._on_outcome = on_outcome
@@ -315,6 +323,11 @@ class WorkerConnections:
         """Challengeable devices of a live worker (empty when offline)."""
         link = self._links.get(worker_id)
         return self._devices_of(link.inventory) if link is not None else frozenset()
+
+    def leased_by_heartbeat(self, worker_id: str, device_uuid: str) -> bool:
+        """True when the live worker's last heartbeat lists the device as leased."""
+        link = self._links.get(worker_id)
+        return link is not None and device_uuid in link.leased_devices
 
     def busy_devices(self, worker_id: str) -> frozenset[str]:
         """Devices of a live worker with a challenge in flight (empty when offline)."""

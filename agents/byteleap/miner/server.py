@@ -526,7 +526,7 @@ class MinerServer:
                             await channel.send(refusal.to_error(frame.id), id=frame.id)
                     else:
                         enrolling = asyncio.create_task(
-                            self._relay_enrollment(channel, worker_id, frame.id),
+                            self._relay_enrollment(channel, worker_id, frame.id, enroll_limiter),
                             name="miner-gateway-enroll",
                         )
                     continue
@@ -540,6 +540,7 @@ class MinerServer:
         """Handle one frame of a registered worker; returns when ``last_seen`` was written."""
         worker_id = link.worker_id
         msg = frame.msg
+        leased_before = link.leased_devices
         if isinstance(msg, wire.Heartbeat):
             link.record_heartbeat(msg)
             if link.last_heartbeat - last_written >= self._last_seen_interval:
@@ -570,6 +571,13 @@ class MinerServer:
             raise _Refused(
                 wire.ErrorCode.UNEXPECTED_MESSAGE, f"{type(msg).__name__} after registration"
             )
+        leased = link.leased_devices
+        if leased != leased_before:  # validators must stop (or resume) challenging them
+            log.info(
+                "worker's leased GPUs changed",
+                extra=log_fields(worker_id=worker_id, leased=" ".join(sorted(leased))),
+            )
+            self._changed()
         return last_written
 
     def _enroll_refusal(
@@ -591,12 +599,18 @@ class MinerServer:
             )
         return None
 
-    async def _relay_enrollment(self, channel: Channel, worker_id: str, frame_id: int) -> None:
+    async def _relay_enrollment(
+        self, channel: Channel, worker_id: str, frame_id: int, limiter: RateLimiter
+    ) -> None:
         """Ask the validators for a token bound to this session's worker and answer."""
         answer: wire.Message
         try:
             grant = await self.connections.gateway_grant(worker_id)
         except RelayError as exc:
+            if exc.code is wire.ErrorCode.NO_VALIDATOR:
+                # Nobody was asked: a worker that starts before the miner reaches a validator
+                # must not find itself rate-limited once one is there.
+                limiter.refund()
             log.warning(
                 "no gateway token for the worker: %s: %s",
                 exc.code.name,

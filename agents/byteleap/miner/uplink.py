@@ -276,7 +276,8 @@ def worker_roster(
     registry: WorkerRegistry, connections: WorkerConnections
 ) -> list[wire.WorkerSummary]:
     """The roster the validators see: every enrolled worker, online when it has a live link,
-    with its live inventory (else the last one stored). No leases are known yet."""
+    with its live inventory (else the last one stored) and the GPUs its last heartbeat says
+    are leased (of those the inventory lists; none without a link)."""
     summaries: list[wire.WorkerSummary] = []
     for record in registry.workers():
         link = connections.get(record.worker_id)
@@ -284,8 +285,11 @@ def worker_roster(
         inventory = link.inventory if link is not None else record.inventory
         if inventory is None:  # enrolled but never registered: nothing to show
             continue
+        leased = sorted(link.leased_devices) if link is not None else []
         summaries.append(
-            wire.WorkerSummary(worker_id=record.worker_id, online=live, inventory=inventory)
+            wire.WorkerSummary(
+                worker_id=record.worker_id, online=live, leased_devices=leased, inventory=inventory
+            )
         )
     return summaries[: wire.MAX_WORKERS_PER_MINER]
 

@@ -325,12 +325,19 @@ async def _serve(
             if ready:
                 publish()
 
+        def leased_devices(miner_inventory: wire.Inventory) -> list[str]:
+            # Heartbeats name the GPUs leases hold so the roster marks them leased.
+            if gateway_link is None:
+                return []
+            return gateway_link.leased_inventory_uuids(miner_inventory)
+
         link = WorkerLink(
             settings,
             key=key,
             secret=secret,
             runner=runner,
             state_dir=state_dir,
+            leased_devices=leased_devices,
             initial_inventory=inv,
             on_status=on_status,
         )

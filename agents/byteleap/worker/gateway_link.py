@@ -991,12 +991,13 @@ class GatewayLink:
         )
 
     def _capacity(self, gpus: int) -> gp.Capacity:
-        # What this worker's VMs get: per GPU for vCPUs and memory, one disk per lease.
+        # What this worker's VMs get: per GPU for vCPUs and memory; a disk of at most
+        # max_disk_gib per lease, and there are at most as many leases as GPUs.
         vm = self._vm
         return gp.Capacity(
             vcpus=min(65536, vm.vcpus_per_gpu * gpus),
             memory_mib=vm.memory_mib_per_gpu * gpus,
-            disk_gib=vm.disk_gib * gpus,
+            disk_gib=vm.max_disk_gib * gpus,
         )
 
     async def _worker_state(
@@ -1133,10 +1134,10 @@ class GatewayLink:
                 f"{vm.memory_mib_per_gpu} MiB per GPU",
                 [],
             )
-        if start.disk_gib > vm.disk_gib:
+        if start.disk_gib > vm.max_disk_gib:
             return (
-                f"the lease asks for a {start.disk_gib} GiB disk; this worker's VMs get "
-                f"{vm.disk_gib} GiB",
+                f"the lease asks for a {start.disk_gib} GiB disk; this worker's VMs get at most "
+                f"{vm.max_disk_gib} GiB",
                 [],
             )
         for other in self._book.leases.values():
@@ -1186,7 +1187,10 @@ class GatewayLink:
                 # Off challenge duty before the VM gets them.
                 await self._duty.withdraw(held.device_uuids)
             spec = LeaseVmSpec(
-                lease_id=lease_id, gpus=tuple(addresses), ssh_public_key=start.ssh_public_key
+                lease_id=lease_id,
+                gpus=tuple(addresses),
+                ssh_public_key=start.ssh_public_key,
+                disk_gib=start.disk_gib,
             )
             try:
                 info = await self._vms.start(spec)

@@ -10,10 +10,11 @@ One :class:`WorkerLink` owns the connection loop of docs/worker-miner.md:
 2. send ``EnrollProof`` (HMAC-SHA256 of the channel binding under the enrollment secret: the
    secret never crosses the wire) and ``Register`` with the current inventory, and wait for
    ``RegisterAck``;
-3. steady state, concurrently: heartbeats (``collect_live`` in a thread) every
-   ``min(configured, miner's)`` interval, an ``InventoryUpdate`` only when the inventory
-   fingerprint changes, and the receive loop that serves challenges (each in its own task, so
-   the loop keeps receiving), reveals, releases and pings;
+3. steady state, concurrently: heartbeats (``collect_live`` in a thread, and the GPUs leased
+   VMs hold from ``leased_devices``) every ``min(configured, miner's)`` interval, an
+   ``InventoryUpdate`` only when the inventory fingerprint changes, and the receive loop that
+   serves challenges (each in its own task, so the loop keeps receiving), reveals, releases and
+   pings;
 4. on any disconnect: one log line with the reason, then a full-jitter exponential backoff and
    back to 1. The backoff grows while attempts fail and starts again from
    ``reconnect_initial_s`` when a registered session ends (a restarted miner gets its workers
@@ -46,6 +47,7 @@ from typing import Any, Final
 from urllib.parse import urlsplit
 
 import aiohttp
+import msgspec
 
 from byteleap import __version__
 from byteleap.core import wire
@@ -308,6 +310,7 @@ class WorkerLink:
         state_dir: Path,
         collect_inventory: Callable[[], wire.Inventory] = inventory_mod.collect_inventory,
         collect_live: Callable[[], wire.Heartbeat] = inventory_mod.collect_live,
+        leased_devices: Callable[[wire.Inventory], list[str]] | None = None,
         initial_inventory: wire.Inventory | None = None,
         on_status: Callable[[LinkStatus], None] | None = None,
         clock: Callable[[], float] = time.monotonic,
@@ -322,6 +325,7 @@ class WorkerLink:
         self._pin_path = Path(state_dir) / PIN_FILE
         self._collect_inventory = collect_inventory
         self._collect_live = collect_live
+        self._leased_devices = leased_devices
         self._on_status = on_status
         self._clock = clock
         self._sleep = sleep
@@ -839,12 +843,29 @@ class WorkerLink:
             except Exception as exc:  # liveness matters more than metrics
                 log.warning("live metrics failed: %s", exc)
                 heartbeat = wire.Heartbeat(uptime_s=0.0, load1=0.0, mem_used_bytes=0)
+            heartbeat = self._with_leases(heartbeat)
             await channel.send(heartbeat)
             next_at += interval
             now = self._clock()
             if next_at <= now:  # fell behind (slow collection, loaded host): skip, no burst
                 next_at = now + interval
             await self._sleep(next_at - now)
+
+    def _with_leases(self, heartbeat: wire.Heartbeat) -> wire.Heartbeat:
+        """``heartbeat`` naming the leased GPUs as the inventory the miner has lists them.
+
+        Asked here, on the event loop, not in ``collect_live``'s thread: the lease book changes
+        on the loop."""
+        if self._leased_devices is None or self._inventory is None:
+            return heartbeat
+        try:
+            leased = self._leased_devices(self._inventory)
+        except Exception:  # the heartbeat (liveness) goes out whatever happened
+            log.exception("cannot list the leased GPUs for the heartbeat")
+            return heartbeat
+        return msgspec.structs.replace(
+            heartbeat, leased_devices=list(leased)[: wire.MAX_DEVICES_PER_WORKER]
+        )
 
     async def _current_inventory(self) -> wire.Inventory:
         fresh = (

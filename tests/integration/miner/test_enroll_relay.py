@@ -144,6 +144,44 @@ async def test_one_request_at_a_time_and_a_few_in_all(
     assert isinstance(no_id, wire.Error) and no_id.code is wire.ErrorCode.UNEXPECTED_MESSAGE
 
 
+async def test_no_validator_answers_leave_the_rate_limit_untouched(
+    make_miner: MakeMiner, http: aiohttp.ClientSession
+) -> None:
+    # A worker that starts before its miner reaches a validator asks again and again...
+    miner = await make_miner()
+    worker = await registered(miner, http)
+    for frame_id in range(1, 2 * ENROLL_BURST + 2):
+        reply = await ask(worker, frame_id)
+        assert isinstance(reply, wire.Error) and reply.code is wire.ErrorCode.NO_VALIDATOR
+    # ...as does one whose validator link dropped while it asked.
+    dropped = Source(refuse=RelayError(wire.ErrorCode.NO_VALIDATOR, "validator link closed"))
+    miner.connections.set_gateway_tokens(dropped)
+    for frame_id in range(20, 20 + 2 * ENROLL_BURST):
+        reply = await ask(worker, frame_id)
+        assert isinstance(reply, wire.Error) and reply.code is wire.ErrorCode.NO_VALIDATOR
+    # A validator answers now: the whole burst is still there, and only then is it spent.
+    miner.connections.set_gateway_tokens(Source())
+    for frame_id in range(40, 40 + ENROLL_BURST):
+        assert isinstance(await ask(worker, frame_id), wire.GatewayEnrollGrant)
+    over = await ask(worker, 60)
+    assert isinstance(over, wire.Error) and over.code is wire.ErrorCode.RATE_LIMITED
+
+
+async def test_refusals_from_a_validator_do_use_up_the_rate_limit(
+    make_miner: MakeMiner, http: aiohttp.ClientSession
+) -> None:
+    miner = await make_miner()
+    source = Source(refuse=RelayError(wire.ErrorCode.NO_GATEWAY, "validator X: no gateway"))
+    miner.connections.set_gateway_tokens(source)
+    worker = await registered(miner, http)
+    for frame_id in range(1, 1 + ENROLL_BURST):
+        reply = await ask(worker, frame_id)
+        assert isinstance(reply, wire.Error) and reply.code is wire.ErrorCode.NO_GATEWAY
+    over = await ask(worker, 10)
+    assert isinstance(over, wire.Error) and over.code is wire.ErrorCode.RATE_LIMITED
+    assert len(source.asked) == ENROLL_BURST
+
+
 async def test_a_worker_that_leaves_cancels_its_request(
     make_miner: MakeMiner, http: aiohttp.ClientSession
 ) -> None:

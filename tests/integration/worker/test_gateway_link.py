@@ -10,7 +10,9 @@ from __future__ import annotations
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
+import msgspec
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
@@ -18,10 +20,20 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from byteleap.core.channel import CloseCode
 from byteleap.core.lease import verify_record
 from byteleap.gateway.ca import GatewayCA, load_csr
+from byteleap.gateway.config import LeaseSettings
 from byteleap.worker.gateway_enroll import GatewayEnrollment
 from byteleap.worker.gateway_link import BOOK_FILE, GatewayState
+from byteleap.worker.vm.config import VmSettings
+from byteleap.worker.vm.disks import GIB
 from byteleap.worker.vm.domain import domain_name
-from tests.support.libvirt_fixtures import GPU_PLAIN, GPU_SHARED_GROUP, GPU_WITH_AUDIO
+from tests.integration.gateway.conftest import SSH_KEY
+from tests.support.libvirt_fixtures import (
+    GPU_PLAIN,
+    GPU_SHARED_GROUP,
+    GPU_WITH_AUDIO,
+    virtual_size,
+    vm_settings,
+)
 
 from .gateway_rig import (
     NVML_NAME,
@@ -302,3 +314,47 @@ async def test_gpu_identity_survives_the_move_to_vfio(
     [listed] = await gateway.gpus()
     uuids = {g["uuid"] for g in listed["gpus"]}
     assert NVML_UUID in uuids and f"PCI-{GPU_WITH_AUDIO}" not in uuids
+
+
+def defaults(struct: type, *names: str) -> dict[str, Any]:
+    """The default values of these fields of a settings struct."""
+    by_name = {f.name: f.default for f in msgspec.structs.fields(struct)}
+    return {name: by_name[name] for name in names}
+
+
+async def test_a_two_gpu_lease_starts_with_default_vm_sizes(tmp_path: Path) -> None:
+    # The gateway asks N x its per-GPU sizes (a 400 GiB disk here); the worker's VM gets them.
+    gateway_sizes = defaults(
+        LeaseSettings, "vcpus_per_gpu", "memory_mib_per_gpu", "disk_gib_per_gpu"
+    )
+    worker = worker_side(tmp_path)
+    worker.settings = vm_settings(
+        tmp_path, **defaults(VmSettings, "vcpus_per_gpu", "memory_mib_per_gpu", "max_disk_gib")
+    )
+    try:
+        async with running_gateway(tmp_path / "gateway", **gateway_sizes) as gateway:
+            worker.start(gateway)
+            await online(gateway, worker)
+            body = {
+                "gpus": 2,
+                "worker_id": worker.key.worker_id,
+                "ssh_public_key": SSH_KEY,
+                "duration_s": 3600,
+            }
+            status, lease = await gateway.call("POST", "/v1/leases", body=body)
+            assert status == 201, lease
+            lease_id = lease["lease_id"]
+            view = await gateway.wait_state(lease_id, "running", "failed")
+            assert view["state"] == "running", view
+            assert len(view["device_uuids"]) == 2
+            disk = Path(worker.settings.vm_dir) / lease_id / "disk.qcow2"
+            assert virtual_size(disk) == 2 * gateway_sizes["disk_gib_per_gpu"] * GIB
+            _state, memory_kib, _now, vcpus, _cpu = worker.host.conn.lookupByName(
+                domain_name(lease_id)
+            ).info()
+            assert vcpus == 2 * gateway_sizes["vcpus_per_gpu"]
+            assert memory_kib == 2 * gateway_sizes["memory_mib_per_gpu"] * 1024
+    finally:
+        await worker.stop()
+        worker.runner.close()
+        worker.host.drop()

@@ -45,7 +45,7 @@ def worker_config(tmp_path: Path, gpus: int = 3) -> WorkerConfig:
                 "vm_dir": str(tmp_path / "vms"),
                 "base_image": str(base),
                 "base_image_sha256": make_base_image(base),
-                "disk_gib": 1,
+                "max_disk_gib": 3,
                 "vcpus_per_gpu": 4,
                 "memory_mib_per_gpu": 1024,
                 "firmware": "bios",
@@ -81,7 +81,9 @@ async def test_a_simulated_host_leases_every_gpu_without_root(manager: LeaseVmMa
 
     lease = secrets.token_hex(16)
     info = await manager.start(
-        LeaseVmSpec(lease_id=lease, gpus=(gpus[1].address,), ssh_public_key=ed25519_key())
+        LeaseVmSpec(
+            lease_id=lease, gpus=(gpus[1].address,), ssh_public_key=ed25519_key(), disk_gib=1
+        )
     )
     assert info.hostdevs == (gpus[1].address,) and info.ssh_port == 42200
     assert manager.binder.bound() == {PciAddress.parse(gpus[1].address)}

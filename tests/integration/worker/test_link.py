@@ -64,6 +64,7 @@ class MinerSession:
     register: wire.Register
     frames: asyncio.Queue[wire.Frame] = field(default_factory=asyncio.Queue)
     heartbeats: list[float] = field(default_factory=list)
+    beats: list[wire.Heartbeat] = field(default_factory=list)
     closed: asyncio.Event = field(default_factory=asyncio.Event)
 
     async def expect(self, kind: type[M]) -> tuple[int, M]:
@@ -131,6 +132,7 @@ class FakeMiner:
                 frame = await channel.recv()
                 if isinstance(frame.msg, wire.Heartbeat):
                     session.heartbeats.append(time.monotonic())
+                    session.beats.append(frame.msg)
                 else:
                     await session.frames.put(frame)
         except ChannelClosed:
@@ -206,6 +208,7 @@ async def start_worker(tmp_path: Path) -> AsyncIterator[StartWorker]:
         prover: Callable[[ChallengeSpec, Backend], ProvenChallenge] | None = None,
         result_ttl_s: float = 60.0,
         rng: random.Random | None = None,
+        leased_devices: Callable[[wire.Inventory], list[str]] | None = None,
         **overrides: Any,
     ) -> Worker:
         settings = LinkSettings(
@@ -239,6 +242,7 @@ async def start_worker(tmp_path: Path) -> AsyncIterator[StartWorker]:
             state_dir=state_dir or tmp_path,
             collect_inventory=lambda: inventory[0],
             collect_live=lambda: wire.Heartbeat(uptime_s=1.0, load1=0.1, mem_used_bytes=1),
+            leased_devices=leased_devices,
             on_status=statuses.append,
             rng=rng or random.Random(7),
         )
@@ -519,6 +523,40 @@ async def test_heartbeats_at_the_shorter_of_configured_and_acked_interval(
     assert min(gaps) >= 0.05, gaps
 
 
+async def test_heartbeats_name_the_leased_gpus_of_the_inventory_sent(
+    start_miner: StartMiner, start_worker: StartWorker
+) -> None:
+    leased: set[str] = set()
+    asked: list[wire.Inventory] = []
+
+    def leased_devices(inventory: wire.Inventory) -> list[str]:
+        asked.append(inventory)
+        if "boom" in leased:
+            raise RuntimeError("lease book unreadable")
+        return sorted(leased)
+
+    miner = await start_miner()
+    start_worker(miner.url, heartbeat_interval_s=0.05, leased_devices=leased_devices)
+    session = await miner.next_session()
+    await eventually(lambda: bool(session.beats))
+    assert session.beats[-1].leased_devices == []
+    # The uuids are those of the inventory the miner has (the one registered).
+    assert asked[-1] == session.register.inventory
+
+    leased.add("GPU-2")
+    await eventually(lambda: session.beats[-1].leased_devices == ["GPU-2"])
+    leased.add("GPU-1")
+    await eventually(lambda: session.beats[-1].leased_devices == ["GPU-1", "GPU-2"])
+    leased.clear()
+    await eventually(lambda: session.beats[-1].leased_devices == [])
+
+    # Whatever goes wrong asking, the heartbeat (liveness) still goes out.
+    leased.add("boom")
+    count = len(session.beats)
+    await eventually(lambda: len(session.beats) >= count + 3)
+    assert session.beats[-1].leased_devices == []
+
+
 async def test_inventory_update_only_on_change(
     start_miner: StartMiner, start_worker: StartWorker
 ) -> None:
@@ -621,7 +659,7 @@ async def test_an_expired_result_is_dropped_on_the_event_loop(
     miner = await start_miner()
     worker = start_worker(miner.url, result_ttl_s=0.3, sweep_interval_s=60.0)
     held = ThreadRecordingDict()
-    worker.runner._held = held  # type: ignore[assignment]
+    worker.runner._held = held
     session = await miner.next_session()
     req = challenge("expires before its reveal")
     await session.channel.send(req, id=3)

@@ -129,6 +129,34 @@ async def test_late_answer_frees_the_device_and_grace_expiry_too() -> None:
     assert link.busy_devices == frozenset()
 
 
+def _heartbeat(*leased: str) -> wire.Heartbeat:
+    return wire.Heartbeat(uptime_s=1.0, load1=0.1, mem_used_bytes=1, leased_devices=list(leased))
+
+
+async def test_a_gpu_the_heartbeat_says_is_leased_is_never_challenged() -> None:
+    connections, link, channel = _setup()
+    assert link.leased_devices == frozenset()
+    # Only what the inventory lists counts: not the CPU, not another worker's or a made-up GPU.
+    link.record_heartbeat(_heartbeat("GPU-1", CPU_DEVICE_UUID, "GPU-other"))
+    assert link.leased_devices == {"GPU-1"}
+    with pytest.raises(RelayError) as info:
+        await connections.challenge(WID, challenge_request("GPU-1"), timeout=1)
+    assert info.value.code is wire.ErrorCode.DEVICE_LEASED
+    assert channel.sent.empty()
+    # The lease ended: the next heartbeat lists nothing and the GPU is challenged again.
+    link.record_heartbeat(_heartbeat())
+    request = challenge_request("GPU-1")
+    task = asyncio.create_task(connections.challenge(WID, request, timeout=5))
+    sent = await channel.sent.get()
+    assert link.deliver(wire.Frame(msg=_commit(request), id=sent.id))
+    await task
+    # An inventory that no longer lists the GPU drops it from the leased set.
+    link.record_heartbeat(_heartbeat("GPU-1"))
+    link.inventory = inventory("GPU-2")
+    assert link.leased_devices == frozenset()
+    assert not connections.leased_by_heartbeat("cd" * 16, "GPU-1")  # no such worker
+
+
 async def test_refusals_and_disconnect() -> None:
     connections, link, channel = _setup(is_leased=lambda wid, dev: dev == "GPU-1")
     for device, code in (

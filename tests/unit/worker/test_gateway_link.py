@@ -166,9 +166,11 @@ class FakeVms:
     kept: tuple[str, ...] = ()
     calls: list[tuple[str, str]] = field(default_factory=list)
     recovered_with: list[set[str]] = field(default_factory=list)
+    specs: list[LeaseVmSpec] = field(default_factory=list)
 
     async def start(self, spec: LeaseVmSpec) -> VmInfo:
         self.calls.append(("start", spec.lease_id))
+        self.specs.append(spec)
         if self.start_gate is not None:
             await self.start_gate.wait()
         if self.fail_start is not None:
@@ -232,7 +234,7 @@ def settings(tmp_path: Path) -> VmSettings:
         base_image_sha256="0" * 64,
         vcpus_per_gpu=4,
         memory_mib_per_gpu=1024,
-        disk_gib=10,
+        max_disk_gib=10,
     )
 
 
@@ -332,13 +334,25 @@ async def test_a_gpu_leaves_challenge_duty_before_its_vm_starts(rig: Rig) -> Non
     assert rig.link.leased_devices == frozenset() and rig.book()["leases"] == {}
 
 
+async def test_a_vm_gets_the_disk_the_lease_asks_for_up_to_the_worker_maximum(rig: Rig) -> None:
+    # Two GPUs: the gateway asks twice its per-GPU sizes; the worker's bound is per lease.
+    lid = lease_id()
+    await rig.link._start_lease(start(lid, NVML_A, f"PCI-{B}", vcpus=8, memory=2048, disk=10))
+    assert [(s.gpus, s.disk_gib) for s in rig.vms.specs] == [((A, B), 10)]
+    assert rig.sent(gp.LeaseStarted)[0].lease_id == lid
+    small = lease_id()
+    await rig.link._stop_lease(lid, "terminated")
+    await rig.link._start_lease(start(small, disk=3))
+    assert rig.vms.specs[-1].disk_gib == 3
+
+
 @pytest.mark.parametrize(
     ("request_", "why"),
     [
         (start("0" * 32, "GPU-unknown"), "no GPU GPU-unknown on this worker"),
         (start("0" * 32, vcpus=16), "asks for 16 vCPUs; this worker gives 4 per GPU"),
         (start("0" * 32, memory=4096), "asks for 4096 MiB"),
-        (start("0" * 32, disk=500), "asks for a 500 GiB disk"),
+        (start("0" * 32, disk=500), "asks for a 500 GiB disk; this worker's VMs get at most 10"),
     ],
 )
 async def test_a_start_this_worker_cannot_honour_is_refused(

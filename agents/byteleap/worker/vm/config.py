@@ -43,8 +43,10 @@ class VmSettings(ConfigStruct, frozen=True, kw_only=True):
     vm_dir: AbsolutePath = "/var/lib/byteleap/vms"
     base_image: AbsolutePath
     base_image_sha256: Sha256Hex
-    # Virtual size of each lease's disk; at least the base image's virtual size.
-    disk_gib: Annotated[int, Meta(ge=1, le=65536)] = 200
+    # The largest disk one lease may ask for (the gateway asks leases.disk_gib_per_gpu x GPUs;
+    # the default fits 8 GPUs at the gateway's default 200 GiB). Overlays are thin: a renter
+    # fills vm_dir up to this much per lease.
+    max_disk_gib: Annotated[int, Meta(ge=1, le=65536)] = 1600
     vcpus_per_gpu: Annotated[int, Meta(ge=1, le=256)] = 8
     memory_mib_per_gpu: Annotated[int, Meta(ge=512, le=4 * 1024 * 1024)] = 65536
     # The domain's memory hard limit is its memory plus this (QEMU itself, VFIO mappings).

@@ -203,7 +203,8 @@ def create_overlay(
     if size_gib * GIB < base.virtual_size:
         raise VmError(
             f"disk size {size_gib} GiB is smaller than the base image "
-            f"({base.virtual_size / GIB:.1f} GiB): raise vm.disk_gib"
+            f"({base.virtual_size / GIB:.1f} GiB): the gateway's leases.disk_gib_per_gpu is too "
+            "small for this image"
         )
     if overlay.exists() or overlay.is_symlink():  # qemu-img would silently overwrite it
         raise VmError(f"overlay {overlay} already exists")

@@ -96,11 +96,13 @@ class VmStartError(VmError):
 
 @dataclass(frozen=True, kw_only=True)
 class LeaseVmSpec:
-    """What the gateway asks for: a lease, its GPUs (PCI addresses) and the renter's key."""
+    """What the gateway asks for: a lease, its GPUs (PCI addresses), the renter's key and the
+    disk's virtual size (at most ``vm.max_disk_gib``)."""
 
     lease_id: str
     gpus: tuple[str, ...]
     ssh_public_key: str
+    disk_gib: int
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -245,6 +247,12 @@ class LeaseVmManager:
         lease_id = validate_lease_id(spec.lease_id)
         key = validate_ssh_public_key(spec.ssh_public_key)
         gpus = self._parse_gpus(spec.gpus)
+        most = self.settings.max_disk_gib
+        if not 1 <= spec.disk_gib <= most:
+            raise VmStartError(
+                f"lease {lease_id}: a {spec.disk_gib} GiB disk is outside 1..{most} GiB "
+                "(vm.max_disk_gib)"
+            )
         async with self._lock:
             self._check_idle(lease_id)
             existing = await asyncio.to_thread(self._read_state, lease_id)
@@ -258,7 +266,7 @@ class LeaseVmManager:
             state = await asyncio.to_thread(self._allocate, lease_id, gpus)
             self._busy.add(lease_id)
         try:
-            return await self._shielded(self._start_steps(state, key))
+            return await self._shielded(self._start_steps(state, key, spec.disk_gib))
         finally:
             self._busy.discard(lease_id)
 
@@ -391,7 +399,7 @@ class LeaseVmManager:
         self._write_state(state)
         return state
 
-    async def _start_steps(self, state: _LeaseState, key: str) -> VmInfo:
+    async def _start_steps(self, state: _LeaseState, key: str, disk_gib: int) -> VmInfo:
         lease_id = state.lease_id
         gpus = tuple(PciAddress.parse(text) for text in state.gpus)
         addressing = self._addressing(state)
@@ -419,7 +427,7 @@ class LeaseVmManager:
                 create_overlay,
                 base,
                 lease_dir / DISK_FILE,
-                self.settings.disk_gib,
+                disk_gib,
                 tool_timeout_s=self.settings.tool_timeout_s,
             )
             step = "writing the cloud-init seed"

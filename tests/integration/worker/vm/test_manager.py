@@ -19,6 +19,7 @@ import pytest
 
 from byteleap.worker.vm import VmError
 from byteleap.worker.vm.config import VmSettings
+from byteleap.worker.vm.disks import GIB
 from byteleap.worker.vm.domain import domain_name
 from byteleap.worker.vm.manager import LeaseVmManager, LeaseVmSpec, VmStartError
 from byteleap.worker.vm.seed import InvalidSshKeyError
@@ -34,6 +35,7 @@ from tests.support.libvirt_fixtures import (
     RecordingNetwork,
     ed25519_key,
     rsa_key,
+    virtual_size,
     vm_settings,
     write_node_fixture,
 )
@@ -72,9 +74,14 @@ class Rig:
         )
         return self.manager
 
-    def spec(self, lease_id: str, *gpus: str, key: str | None = None) -> LeaseVmSpec:
+    def spec(
+        self, lease_id: str, *gpus: str, key: str | None = None, disk_gib: int = 1
+    ) -> LeaseVmSpec:
         return LeaseVmSpec(
-            lease_id=lease_id, gpus=gpus or (GPU_WITH_AUDIO,), ssh_public_key=key or ed25519_key()
+            lease_id=lease_id,
+            gpus=gpus or (GPU_WITH_AUDIO,),
+            ssh_public_key=key or ed25519_key(),
+            disk_gib=disk_gib,
         )
 
     def domain(self, lease_id: str) -> Any:
@@ -113,7 +120,7 @@ NOTHING = {"domain": False, "state": False, "dir": False, "rules": False}
 async def test_full_lifecycle(rig: Rig) -> None:
     lease = new_lease()
     key = ed25519_key()
-    info = await rig.manager.start(rig.spec(lease, GPU_WITH_AUDIO, key=key))
+    info = await rig.manager.start(rig.spec(lease, GPU_WITH_AUDIO, key=key, disk_gib=3))
     assert info.domain == f"byteleap-lease-{lease}"
     assert info.gpus == (GPU_WITH_AUDIO,)
     assert info.hostdevs == (GPU_WITH_AUDIO, GPU_COMPANION)
@@ -138,6 +145,7 @@ async def test_full_lifecycle(rig: Rig) -> None:
 
     lease_dir = rig.vm_dir / lease
     assert sorted(p.name for p in lease_dir.iterdir()) == ["disk.qcow2", "seed.iso"]
+    assert virtual_size(lease_dir / "disk.qcow2") == 3 * GIB  # the size the lease asked for
     state_file = rig.state_dir / f"{lease}.json"
     assert state_file.stat().st_mode & 0o777 == 0o600
     state = json.loads(state_file.read_text())
@@ -200,6 +208,9 @@ async def test_bad_requests_change_nothing(rig: Rig) -> None:
         await rig.manager.start(rig.spec(lease, "41:00.0"))
     with pytest.raises(ValueError, match="lease id"):
         await rig.manager.start(rig.spec("../etc/passwd"))
+    for disk_gib in (0, rig.settings.max_disk_gib + 1):
+        with pytest.raises(VmStartError, match=r"vm\.max_disk_gib"):
+            await rig.manager.start(rig.spec(lease, disk_gib=disk_gib))
     assert rig.traces(lease) == NOTHING
     assert not rig.state_dir.exists() or list(rig.state_dir.iterdir()) == []
     assert rig.binder.calls == []

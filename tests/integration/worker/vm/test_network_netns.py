@@ -323,7 +323,9 @@ def test_manager_lifecycle_and_recovery_with_the_real_network(host_ns: str, tmp_
     async def scenario() -> None:
         first = manager()
         info = await first.start(
-            LeaseVmSpec(lease_id=LEASE_A, gpus=(GPU_PLAIN,), ssh_public_key=ed25519_key())
+            LeaseVmSpec(
+                lease_id=LEASE_A, gpus=(GPU_PLAIN,), ssh_public_key=ed25519_key(), disk_gib=1
+            )
         )
         assert addresses(host_ns, info.bridge) == ["10.213.0.1/30"]
         assert comments(host_ns).count(f"lease:{LEASE_A}") == RULES_PER_LEASE
