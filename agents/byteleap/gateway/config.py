@@ -14,18 +14,14 @@ credential ``store-url`` or ``store.url_file`` (it may hold a password); message
 from __future__ import annotations
 
 import ipaddress
-import os
 import re
-from collections.abc import Mapping
-from pathlib import Path
 from typing import Annotated, Final
 
 import msgspec
 from msgspec import Meta
 
 from ..core.config import ConfigStruct, LoggingConfig, Port, PositiveSeconds
-from ..core.credentials import CredentialError, credential_path
-from ..core.files import PrivateFileError, read_private_file
+from ..core.sqlstore import STORE_URL_CREDENTIAL, SqlStoreSettings, StoreUrlError
 
 __all__ = [
     "CA_KEY_CREDENTIAL",
@@ -47,19 +43,12 @@ __all__ = [
 
 DEFAULT_CONFIG_PATH: Final = "/etc/byteleap/gateway.yaml"
 ENV_PREFIX: Final = "BYTELEAP_GATEWAY"
-STORE_URL_CREDENTIAL: Final = "store-url"
 CA_KEY_CREDENTIAL: Final = "ca-key"
 SIGNING_KEY_CREDENTIAL: Final = "signing-key"
 
-_STORE_SCHEMES: Final = ("sqlite://", "postgresql://", "postgres://")
-_MAX_STORE_URL_BYTES: Final = 4096
 _DNS_LABEL: Final = re.compile(r"\A(?!-)[A-Za-z0-9-]{1,63}(?<!-)\Z")
 
 Days = Annotated[int, Meta(ge=1, le=3650)]
-
-
-class StoreUrlError(Exception):
-    """The store URL (or its file) is unusable; the message never shows the URL."""
 
 
 def _check_name(name: str) -> None:
@@ -174,46 +163,9 @@ class AuthSettings(ConfigStruct, frozen=True, kw_only=True):
     failure_burst: Annotated[int, Meta(ge=1)] = 20
 
 
-def _check_store_url(url: str, where: str) -> None:
-    if not url.startswith(_STORE_SCHEMES):
-        raise ValueError(
-            f"{where} must start with sqlite:// or postgresql:// (value not shown: it may hold "
-            "a password)"
-        )
-
-
-class StoreSettings(ConfigStruct, frozen=True, kw_only=True):
+class StoreSettings(SqlStoreSettings, frozen=True, kw_only=True):
     url: str = "sqlite:////var/lib/byteleap/gateway/gateway.db"
     """``sqlite:///path`` or ``postgresql://user@host/db``; put a password in ``url_file``."""
-    url_file: str | None = None
-    """A 0600 file holding the whole URL (wins over ``url``)."""
-
-    def __post_init__(self) -> None:
-        _check_store_url(self.url, "url")
-
-    def resolve_url(self, environ: Mapping[str, str] | None = None) -> str:
-        """The credential ``store-url``, else ``url_file``, else ``url``."""
-        env = os.environ if environ is None else environ
-        directory = env.get("CREDENTIALS_DIRECTORY")
-        has_credential = bool(directory) and (Path(str(directory)) / STORE_URL_CREDENTIAL).exists()
-        if not has_credential and self.url_file is None:
-            return self.url
-        try:
-            path = credential_path(STORE_URL_CREDENTIAL, self.url_file, env)
-            raw = read_private_file(path, _MAX_STORE_URL_BYTES, what="store URL file")
-        except (CredentialError, PrivateFileError) as exc:
-            raise StoreUrlError(str(exc)) from None
-        try:
-            url = raw.decode("utf-8").strip()
-        except UnicodeDecodeError:
-            raise StoreUrlError(f"store URL file {path} is not UTF-8 text") from None
-        if not url or any(c.isspace() for c in url):
-            raise StoreUrlError(f"store URL file {path} must hold exactly one URL on one line")
-        try:
-            _check_store_url(url, f"the URL in {path}")
-        except ValueError as exc:
-            raise StoreUrlError(str(exc)) from None
-        return url
 
 
 class GatewayConfig(ConfigStruct, frozen=True, kw_only=True):

@@ -27,18 +27,25 @@ from __future__ import annotations
 
 import contextlib
 import math
-import re
 import time
-import urllib.parse
-from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
 from typing import Any, Final, Literal
 
 import msgspec
 
 from ..core.gateway_protocol import LeaseState
 from ..core.lease import SignedLeaseRecord
+from ..core.sqlstore import (
+    DEFAULT_TIMEOUT_S,
+    Dialect,
+    Schema,
+    SqlStoreBase,
+    StoreError,
+    StoreUnavailable,
+    Tx,
+    redact_url,
+    store_scheme,
+)
 from .keys import KeyKind
 from .store_schema import MIGRATIONS, MIGRATIONS_TABLE, SCHEMA_VERSION, render
 
@@ -64,15 +71,6 @@ __all__ = [
 ]
 
 ACTIVE_STATES: Final[frozenset[str]] = frozenset({"pending", "starting", "running"})
-DEFAULT_TIMEOUT_S: Final = 10.0
-
-
-class StoreError(Exception):
-    """A store problem retrying will not fix (bad URL, schema too old or new, conflict)."""
-
-
-class StoreUnavailable(StoreError):  # noqa: N818 - a state: retry the call
-    """The backend cannot be reached right now (restart, network, lock timeout)."""
 
 
 class StoreConflict(StoreError):  # noqa: N818 - a state, like StoreUnavailable
@@ -247,47 +245,7 @@ def _lease_of(row: Sequence[Any]) -> Lease:
 
 
 # ------------------------------------------------------------------------------------------------
-# Dialects and transactions
-
-
-@dataclass(frozen=True)
-class Dialect:
-    name: str
-    """``sqlite`` or ``postgresql`` (the key into ``store_schema.TYPES``)."""
-    placeholder: str
-    table_exists: str
-    migration_lock: str | None = None
-    _cache: dict[str, str] = field(default_factory=dict, compare=False, repr=False)
-
-    def sql(self, text: str) -> str:
-        cached = self._cache.get(text)
-        if cached is None:
-            cached = text if self.placeholder == "?" else text.replace("?", self.placeholder)
-            self._cache[text] = cached
-        return cached
-
-
-class Tx:
-    """One transaction's cursor, speaking ``?`` SQL to either driver."""
-
-    __slots__ = ("_cursor", "_dialect")
-
-    def __init__(self, cursor: Any, dialect: Dialect) -> None:
-        self._cursor = cursor
-        self._dialect = dialect
-
-    def execute(self, sql: str, params: Sequence[object] = ()) -> int:
-        self._cursor.execute(self._dialect.sql(sql), tuple(params))
-        return int(self._cursor.rowcount)
-
-    def one(self, sql: str, params: Sequence[object] = ()) -> tuple[Any, ...] | None:
-        self._cursor.execute(self._dialect.sql(sql), tuple(params))
-        row = self._cursor.fetchone()
-        return None if row is None else tuple(row)
-
-    def all(self, sql: str, params: Sequence[object] = ()) -> list[tuple[Any, ...]]:
-        self._cursor.execute(self._dialect.sql(sql), tuple(params))
-        return [tuple(r) for r in self._cursor.fetchall()]
+# Input checks
 
 
 def _text(name: str, value: object, max_length: int = 256) -> str:
@@ -312,71 +270,14 @@ def _hash(value: object) -> bytes:
 # The store
 
 
-class GatewayStore(ABC):
-    """Every query of the gateway; a backend supplies ``_transaction`` and ``close``."""
+class GatewayStore(SqlStoreBase):
+    """Every query of the gateway; a backend supplies ``_transaction`` and ``close``.
+
+    ``location`` is a path, or a DSN without its password.
+    """
 
     def __init__(self, dialect: Dialect, location: str) -> None:
-        self._dialect = dialect
-        self.location = location
-        """A path, or a DSN without its password."""
-
-    @property
-    def backend(self) -> str:
-        return self._dialect.name
-
-    @abstractmethod
-    def _transaction(self, *, write: bool) -> contextlib.AbstractContextManager[Tx]:
-        """One transaction: commits when the block ends, rolls back on any exception."""
-
-    @abstractmethod
-    def close(self) -> None: ...
-
-    # ---- schema ---------------------------------------------------------------------------
-
-    def _version(self, tx: Tx) -> int:
-        if tx.one(self._dialect.table_exists, ("schema_migrations",)) is None:
-            return 0
-        row = tx.one("SELECT MAX(version) FROM schema_migrations")
-        return 0 if row is None or row[0] is None else int(row[0])
-
-    def schema_version(self) -> int:
-        with self._transaction(write=False) as tx:
-            return self._version(tx)
-
-    def upgrade(self) -> list[int]:
-        """Apply the missing migrations, each in its own transaction; returns those applied."""
-        applied: list[int] = []
-        while True:
-            with self._transaction(write=True) as tx:
-                if self._dialect.migration_lock:
-                    tx.execute(self._dialect.migration_lock)
-                tx.execute(render(MIGRATIONS_TABLE, self._dialect.name))
-                current = self._version(tx)
-                if current > SCHEMA_VERSION:
-                    raise StoreError(_too_new(current))
-                pending = [m for m in MIGRATIONS if m.version > current]
-                if not pending:
-                    return applied
-                migration = pending[0]
-                for statement in migration.statements:
-                    tx.execute(render(statement, self._dialect.name))
-                tx.execute(
-                    "INSERT INTO schema_migrations (version, description, applied_at)"
-                    " VALUES (?, ?, ?)",
-                    (migration.version, migration.description, time.time()),
-                )
-            applied.append(migration.version)
-
-    def check(self) -> None:
-        """:class:`StoreError` unless the schema is exactly :data:`SCHEMA_VERSION`."""
-        version = self.schema_version()
-        if version > SCHEMA_VERSION:
-            raise StoreError(_too_new(version))
-        if version < SCHEMA_VERSION:
-            raise StoreError(
-                f"gateway store schema is version {version}, this code needs {SCHEMA_VERSION}: "
-                "start byteleap-gateway or run 'byteleapctl gateway init' to upgrade it"
-            )
+        super().__init__(dialect, location, _SCHEMA)
 
     # ---- identity -------------------------------------------------------------------------
 
@@ -755,46 +656,24 @@ def _worker_of(row: Sequence[Any]) -> WorkerRow:
     )
 
 
-def _too_new(version: int) -> str:
-    return (
-        f"gateway store schema is version {version}, newer than this code ({SCHEMA_VERSION}): "
-        "upgrade byteleap"
-    )
+_SCHEMA: Final = Schema(
+    MIGRATIONS,
+    MIGRATIONS_TABLE,
+    render,
+    too_new="gateway store schema is version {version}, newer than this code ({expected}): "
+    "upgrade byteleap",
+    too_old="gateway store schema is version {version}, this code needs {expected}: "
+    "start byteleap-gateway or run 'byteleapctl gateway init' to upgrade it",
+)
 
 
 # ------------------------------------------------------------------------------------------------
 # Opening
 
-_PASSWORD_KEYWORD: Final = re.compile(r"(password\s*=\s*)('(?:[^'\\]|\\.)*'|\S*)", re.IGNORECASE)
-
-
-def redact_url(url: str) -> str:
-    """``url`` with any password replaced by ``***``; safe to log or print."""
-    if "://" not in url:
-        return _PASSWORD_KEYWORD.sub(r"\1***", url)
-    try:
-        parts = urllib.parse.urlsplit(url)
-    except ValueError:
-        return url.split("://", 1)[0] + "://<unparseable, hidden>"
-    shown = url
-    if "@" in parts.netloc:
-        userinfo, host = parts.netloc.rsplit("@", 1)
-        if ":" in userinfo:
-            shown = shown.replace(
-                f"//{parts.netloc}", f"//{userinfo.split(':', 1)[0]}:***@{host}", 1
-            )
-    pairs = urllib.parse.parse_qsl(parts.query, keep_blank_values=True)
-    if any(k.lower() == "password" for k, _ in pairs):
-        query = urllib.parse.urlencode(
-            [(k, "***" if k.lower() == "password" else v) for k, v in pairs], safe="*"
-        )
-        shown = shown.replace(f"?{parts.query}", f"?{query}", 1)
-    return shown
-
 
 def open_store(url: str, *, timeout_s: float = DEFAULT_TIMEOUT_S) -> GatewayStore:
     """Open ``sqlite:///path`` or ``postgresql://...`` (not migrated: call ``upgrade``)."""
-    scheme = url.split("://", 1)[0].lower() if "://" in url else ""
+    scheme = store_scheme(url)
     if scheme == "sqlite":
         from .store_sqlite import SQLiteStore
 

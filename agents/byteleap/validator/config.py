@@ -23,7 +23,6 @@ import ipaddress
 import os
 import urllib.parse
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Annotated, Final
 
 import msgspec
@@ -44,6 +43,7 @@ from ..core.credentials import CredentialError, credential_path
 from ..core.files import PrivateFileError, read_private_file
 from ..core.lease import gateway_id_of
 from ..core.scoring import ScoringParams
+from ..core.sqlstore import STORE_URL_CREDENTIAL, SqlStoreSettings, StoreUrlError
 
 __all__ = [
     "DEFAULT_CONFIG_PATH",
@@ -64,26 +64,9 @@ __all__ = [
 
 DEFAULT_CONFIG_PATH: Final = "/etc/byteleap/validator.yaml"
 ENV_PREFIX: Final = "BYTELEAP_VALIDATOR"
-STORE_URL_CREDENTIAL: Final = "store-url"
-"""systemd credential name (``LoadCredential=store-url:/path``) holding the store URL."""
 
-_STORE_SCHEMES: Final = ("sqlite://", "postgresql://", "postgres://")
-_MAX_STORE_URL_BYTES: Final = 4096
 
 MatrixSize = Annotated[int, Meta(ge=wire.MIN_N, le=wire.MAX_N, multiple_of=wire.N_MULTIPLE)]
-
-
-class StoreUrlError(Exception):
-    """The store URL (or the file holding it) is unusable; the message never shows the URL."""
-
-
-def _check_store_url(url: str, where: str) -> None:
-    if not url.startswith(_STORE_SCHEMES):
-        # The URL may carry a password: name the accepted schemes, never the value.
-        raise ValueError(
-            f"{where} must start with sqlite:// or postgresql:// (value not shown: it may hold "
-            "a password)"
-        )
 
 
 class MinerListen(ConfigStruct, frozen=True, kw_only=True):
@@ -113,42 +96,9 @@ class MinerListen(ConfigStruct, frozen=True, kw_only=True):
         return self.public_port if self.public_port is not None else self.port
 
 
-class StoreSettings(ConfigStruct, frozen=True, kw_only=True):
+class StoreSettings(SqlStoreSettings, frozen=True, kw_only=True):
     url: str = "sqlite:////var/lib/byteleap/validator/validator.db"
     """``sqlite:///path`` or ``postgresql://user@host/db``; put a password in ``url_file``."""
-    url_file: str | None = None
-    """A 0600 file holding the whole URL (wins over ``url``)."""
-
-    def __post_init__(self) -> None:
-        _check_store_url(self.url, "url")
-
-    def resolve_url(self, environ: Mapping[str, str] | None = None) -> str:
-        """The URL to open: the ``store-url`` systemd credential, else ``url_file``, else ``url``.
-
-        Raises :class:`StoreUrlError` for a missing, unsafe (group/other readable) or malformed
-        file; the message names the file, never its content.
-        """
-        env = os.environ if environ is None else environ
-        directory = env.get("CREDENTIALS_DIRECTORY")
-        has_credential = bool(directory) and (Path(str(directory)) / STORE_URL_CREDENTIAL).exists()
-        if not has_credential and self.url_file is None:
-            return self.url
-        try:
-            path = credential_path(STORE_URL_CREDENTIAL, self.url_file, env)
-            raw = read_private_file(path, _MAX_STORE_URL_BYTES, what="store URL file")
-        except (CredentialError, PrivateFileError) as exc:
-            raise StoreUrlError(str(exc)) from None
-        try:
-            url = raw.decode("utf-8").strip()
-        except UnicodeDecodeError:
-            raise StoreUrlError(f"store URL file {path} is not UTF-8 text") from None
-        if not url or any(c.isspace() for c in url):
-            raise StoreUrlError(f"store URL file {path} must hold exactly one URL on one line")
-        try:
-            _check_store_url(url, f"the URL in {path}")
-        except ValueError as exc:
-            raise StoreUrlError(str(exc)) from None
-        return url
 
 
 class RoundSettings(ConfigStruct, frozen=True, kw_only=True):

@@ -35,15 +35,20 @@ SQLite validator never loads psycopg); show a URL with :func:`redact_url`, never
 from __future__ import annotations
 
 import enum
-import re
-import urllib.parse
 from collections.abc import Collection, Iterable, Mapping, Sequence
-from typing import Final, NamedTuple, Protocol
+from typing import NamedTuple, Protocol
 
 import msgspec
 
 from ..core.lease import LeaseRecord, SignedLeaseRecord
 from ..core.scoring import DEFAULT_PARAMS, NetworkScore, ScoringParams, WorkerInput
+from ..core.sqlstore import (
+    DEFAULT_TIMEOUT_S,
+    StoreError,
+    StoreUnavailable,
+    redact_url,
+    store_scheme,
+)
 
 __all__ = [
     "SCHEMA_VERSION",
@@ -67,14 +72,6 @@ __all__ = [
 
 SCHEMA_VERSION = 2
 """The schema version this code needs; ``byteleapctl db upgrade`` brings a database to it."""
-
-
-class StoreError(Exception):
-    """A store problem that retrying will not fix (bad DSN, schema too old/new, corrupt row)."""
-
-
-class StoreUnavailable(StoreError):  # noqa: N818 - a state, retry the call
-    """The backend cannot be reached right now (restart, network, lock timeout): retry."""
 
 
 class ChallengeState(enum.StrEnum):
@@ -360,35 +357,6 @@ class Store(Protocol):
 
 # ---- opening a store ----------------------------------------------------------------------------
 
-DEFAULT_TIMEOUT_S: Final = 10.0
-"""How long one call may wait for a connection or a lock before :class:`StoreUnavailable`."""
-
-_PASSWORD_KEYWORD: Final = re.compile(r"(password\s*=\s*)('(?:[^'\\]|\\.)*'|\S*)", re.IGNORECASE)
-
-
-def redact_url(url: str) -> str:
-    """``url`` with any password replaced by ``***`` (in the user part or a ``password=``
-    parameter); safe to log or print. Anything unparseable is hidden entirely."""
-    if "://" not in url:
-        return _PASSWORD_KEYWORD.sub(r"\1***", url)
-    try:
-        parts = urllib.parse.urlsplit(url)
-    except ValueError:
-        return url.split("://", 1)[0] + "://<unparseable, hidden>"
-    shown = url
-    if "@" in parts.netloc:
-        userinfo, host = parts.netloc.rsplit("@", 1)
-        if ":" in userinfo:
-            hidden = f"{userinfo.split(':', 1)[0]}:***@{host}"
-            shown = shown.replace(f"//{parts.netloc}", f"//{hidden}", 1)
-    pairs = urllib.parse.parse_qsl(parts.query, keep_blank_values=True)
-    if any(k.lower() == "password" for k, _ in pairs):
-        query = urllib.parse.urlencode(
-            [(k, "***" if k.lower() == "password" else v) for k, v in pairs], safe="*"
-        )
-        shown = shown.replace(f"?{parts.query}", f"?{query}", 1)
-    return shown
-
 
 def open_store(
     url: str,
@@ -408,7 +376,7 @@ def open_store(
     """
     if not (timeout_s > 0):
         raise StoreError(f"timeout_s must be > 0, got {timeout_s!r}")
-    scheme = url.split("://", 1)[0].lower() if "://" in url else ""
+    scheme = store_scheme(url)
     if scheme == "sqlite":
         from .store_sqlite import SQLiteStore
 

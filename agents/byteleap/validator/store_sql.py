@@ -56,12 +56,8 @@ workers; rows of leases whose ``active_until`` left the window are pruned.
 from __future__ import annotations
 
 import math
-import time
 import zlib
-from abc import ABC, abstractmethod
 from collections.abc import Collection, Iterable, Iterator, Mapping, Sequence
-from contextlib import AbstractContextManager
-from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Any, Final, NamedTuple
 
@@ -77,6 +73,7 @@ from ..core.scoring import (
     ScoringParams,
     WorkerInput,
 )
+from ..core.sqlstore import Dialect, Schema, SqlStoreBase, Tx
 from .store import (
     SCHEMA_VERSION,
     ChallengeState,
@@ -161,76 +158,6 @@ def _history_array(blob: bytes | None) -> HistoryArray:
     if not _sane(arr).all():
         raise StoreError("history holds a non-finite time or throughput, or a bad success flag")
     return arr
-
-
-# ---------------------------------------------------------------------------------------------
-# Dialect and transactions
-# ---------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Dialect:
-    """What differs between the engines, beyond the DDL types of ``store_schema``."""
-
-    name: str
-    """``sqlite`` or ``postgresql``: also the key into ``store_schema.TYPES``."""
-    placeholder: str
-    row_locks: bool
-    """Whether ``SELECT ... FOR UPDATE`` locks rows; without (SQLite, which locks the whole
-    database for a write transaction) the clause is removed from the SQL."""
-    table_exists: str
-    """A query with one parameter (a table name) that returns a row iff the table exists."""
-    streams: bool = False
-    """Whether the driver can stream a large result row by row (psycopg's ``stream``, binary):
-    otherwise the whole result sits in the client library's buffer next to its Python copy."""
-    migration_lock: str | None = None
-    """Run first in every migration transaction, so concurrent upgrades take turns."""
-    _cache: dict[str, str] = field(default_factory=dict, compare=False, repr=False)
-
-    def sql(self, text: str) -> str:
-        """``text`` (written with ``?``) with this dialect's parameter marker."""
-        cached = self._cache.get(text)
-        if cached is None:
-            cached = text if self.row_locks else text.replace(" FOR UPDATE", "")
-            if self.placeholder != "?":
-                cached = cached.replace("?", self.placeholder)
-            self._cache[text] = cached
-        return cached
-
-
-class Tx:
-    """One transaction's cursor, speaking ``?`` SQL to either driver."""
-
-    __slots__ = ("_cursor", "_dialect")
-
-    def __init__(self, cursor: Any, dialect: Dialect) -> None:
-        self._cursor = cursor
-        self._dialect = dialect
-
-    def execute(self, sql: str, params: Sequence[object] = ()) -> int:
-        """Run one statement; returns the affected row count (-1 when unknown)."""
-        self._cursor.execute(self._dialect.sql(sql), tuple(params))
-        return int(self._cursor.rowcount)
-
-    def many(self, sql: str, rows: Sequence[Sequence[object]]) -> None:
-        if rows:
-            self._cursor.executemany(self._dialect.sql(sql), [tuple(r) for r in rows])
-
-    def one(self, sql: str, params: Sequence[object] = ()) -> tuple[Any, ...] | None:
-        self._cursor.execute(self._dialect.sql(sql), tuple(params))
-        row = self._cursor.fetchone()
-        return None if row is None else tuple(row)
-
-    def all(self, sql: str, params: Sequence[object] = ()) -> list[tuple[Any, ...]]:
-        self._cursor.execute(self._dialect.sql(sql), tuple(params))
-        return list(self._cursor.fetchall())  # both drivers return tuples
-
-    def stream(self, sql: str, params: Sequence[object] = ()) -> Iterator[tuple[Any, ...]]:
-        """The rows one by one, without buffering the whole result in the driver."""
-        if self._dialect.streams:
-            yield from self._cursor.stream(self._dialect.sql(sql), tuple(params), binary=True)
-        else:
-            yield from self._cursor.execute(self._dialect.sql(sql), tuple(params))
 
 
 def _chunks(items: Sequence[Any], size: int = _CHUNK) -> Iterator[Sequence[Any]]:
@@ -322,7 +249,7 @@ _LEASE_SELECT: Final = (
 # ---------------------------------------------------------------------------------------------
 
 
-class SqlStore(ABC):
+class SqlStore(SqlStoreBase):
     """Everything of :class:`~byteleap.validator.store.Store` except connections.
 
     ``params`` gives new availability bitmaps their geometry and bounds the history kept per
@@ -330,70 +257,10 @@ class SqlStore(ABC):
     """
 
     def __init__(self, dialect: Dialect, location: str, params: ScoringParams) -> None:
-        self._dialect = dialect
-        self._location = location
+        super().__init__(dialect, location, _SCHEMA)
         self._params = params
 
-    @property
-    def backend(self) -> str:
-        return self._dialect.name
-
-    @property
-    def location(self) -> str:
-        """Where the data lives: a path, or a DSN without its password."""
-        return self._location
-
-    @abstractmethod
-    def _transaction(self, *, write: bool) -> AbstractContextManager[Tx]:
-        """One transaction: commits when the block ends, rolls back on any exception."""
-
-    @abstractmethod
-    def close(self) -> None: ...
-
     # ---- schema --------------------------------------------------------------------------
-
-    def _version(self, tx: Tx) -> int:
-        if tx.one(self._dialect.table_exists, ("schema_migrations",)) is None:
-            return 0
-        row = tx.one("SELECT MAX(version) FROM schema_migrations")
-        return 0 if row is None or row[0] is None else int(row[0])
-
-    def schema_version(self) -> int:
-        with self._transaction(write=False) as tx:
-            return self._version(tx)
-
-    def upgrade(self) -> list[int]:
-        applied: list[int] = []
-        while True:
-            with self._transaction(write=True) as tx:
-                if self._dialect.migration_lock:
-                    tx.execute(self._dialect.migration_lock)
-                tx.execute(render(MIGRATIONS_TABLE, self._dialect.name))
-                current = self._version(tx)
-                if current > SCHEMA_VERSION:
-                    raise StoreError(_too_new(current))
-                pending = [m for m in MIGRATIONS if m.version > current]
-                if not pending:
-                    return applied
-                migration = pending[0]
-                for statement in migration.statements:
-                    tx.execute(render(statement, self._dialect.name))
-                tx.execute(
-                    "INSERT INTO schema_migrations (version, description, applied_at)"
-                    " VALUES (?, ?, ?)",
-                    (migration.version, migration.description, time.time()),
-                )
-            applied.append(migration.version)
-
-    def check(self) -> None:
-        version = self.schema_version()
-        if version > SCHEMA_VERSION:
-            raise StoreError(_too_new(version))
-        if version < SCHEMA_VERSION:
-            raise StoreError(
-                f"database schema is version {version}, this code needs {SCHEMA_VERSION}: "
-                "run 'byteleapctl db upgrade'"
-            )
 
     def status(self) -> StoreStatus:
         with self._transaction(write=False) as tx:
@@ -1238,11 +1105,15 @@ _CONFLICTS_SQL: Final = (
 _CONFLICTS_ORDER: Final = " ORDER BY c.uuid, c.miner_hotkey, c.worker_id"
 
 
-def _too_new(version: int) -> str:
-    return (
-        f"database schema version {version} is newer than this code ({SCHEMA_VERSION}): "
-        "upgrade byteleap, or point it at another database"
-    )
+_SCHEMA: Final = Schema(
+    MIGRATIONS,
+    MIGRATIONS_TABLE,
+    render,
+    too_new="database schema version {version} is newer than this code ({expected}): "
+    "upgrade byteleap, or point it at another database",
+    too_old="database schema is version {version}, this code needs {expected}: "
+    "run 'byteleapctl db upgrade'",
+)
 
 
 def _inflate(blob: bytes, cycle_id: int) -> bytes:
