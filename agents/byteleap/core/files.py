@@ -26,18 +26,9 @@ def write_new_file(path: Path, data: bytes) -> bool:
     created first, so concurrent creators all end up with the same content.
     """
     directory = path.parent
-    tmp = directory / f".{path.name}.{secrets.token_hex(8)}.tmp"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+    tmp = _temporary(path)
     try:
-        try:
-            os.fchmod(fd, 0o600)  # exact, whatever the umask
-            view = memoryview(data)
-            while view:
-                written = os.write(fd, view)
-                view = view[written:]
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        write_exclusive(tmp, data)
         try:
             os.link(tmp, path)
             created = True
@@ -48,6 +39,40 @@ def write_new_file(path: Path, data: bytes) -> bool:
             tmp.unlink()
     _fsync_directory(directory)
     return created
+
+
+def replace_private_file(path: Path, data: bytes) -> None:
+    """Write ``path`` atomically with mode 0600, replacing any previous version.
+
+    A reader (or a crash) sees either the old content or the new one, never a mix: the data goes
+    to a fsynced temporary file in the same directory that is renamed over ``path``.
+    """
+    tmp = _temporary(path)
+    try:
+        write_exclusive(tmp, data)
+        tmp.replace(path)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+    _fsync_directory(path.parent)
+
+
+def write_exclusive(path: Path, data: bytes, mode: int = 0o600) -> None:
+    """Create ``path`` (never an existing file, never through a symlink) with exactly ``mode``
+    and ``data``, fsynced."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOFOLLOW, mode)
+    try:
+        os.fchmod(fd, mode)  # exact, whatever the umask
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view) :]
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _temporary(path: Path) -> Path:
+    return path.parent / f".{path.name}.{secrets.token_hex(8)}.tmp"
 
 
 def _fsync_directory(directory: Path) -> None:

@@ -16,7 +16,6 @@ chains to this CA.
 
 from __future__ import annotations
 
-import contextlib
 import datetime
 import hashlib
 import ipaddress
@@ -34,7 +33,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from ..core.files import PrivateFileError, read_private_file, write_new_file
+from ..core.files import PrivateFileError, read_private_file, replace_private_file, write_new_file
 from .config import CA_KEY_CREDENTIAL
 
 __all__ = [
@@ -116,25 +115,6 @@ def _private_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
         serialization.PrivateFormat.PKCS8,
         serialization.NoEncryption(),
     )
-
-
-def _replace_private_file(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` (0600) atomically, replacing what was there."""
-    tmp = path.parent / f".{path.name}.{secrets.token_hex(8)}.tmp"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
-    try:
-        try:
-            os.fchmod(fd, 0o600)
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view) :]
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        tmp.replace(path)
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
 
 
 def load_csr(pem: str) -> x509.CertificateSigningRequest:
@@ -324,8 +304,8 @@ class GatewayCA:
         if current is not None:
             return current
         issued, key = self.issue_server_cert(names, days)
-        _replace_private_file(key_path, _private_pem(key))
-        _replace_private_file(cert_path, issued.pem.encode("ascii"))
+        replace_private_file(key_path, _private_pem(key))
+        replace_private_file(cert_path, issued.pem.encode("ascii"))
         return issued.not_after
 
     def _current_server_cert(

@@ -54,7 +54,7 @@ from cryptography.x509.oid import NameOID
 
 from byteleap.core import gateway_protocol as gp
 from byteleap.core import wire
-from byteleap.core.files import PrivateFileError, read_private_file
+from byteleap.core.files import PrivateFileError, read_private_file, write_exclusive
 from byteleap.core.identity import WorkerKey
 
 from .link import MinerRequestError
@@ -216,18 +216,6 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
-def _write_file(path: Path, data: bytes, mode: int) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOFOLLOW, mode)
-    try:
-        os.fchmod(fd, mode)  # exact, whatever the umask
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view) :]
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _remove(path: Path) -> None:
     if path.is_symlink() or path.is_file():
         path.unlink()
@@ -271,7 +259,7 @@ def _replace_state(state_dir: Path, files: dict[str, tuple[bytes, int]]) -> None
     generation.mkdir(mode=0o700)
     try:
         for name, (data, mode) in sorted(files.items(), key=lambda item: item[0] == STATE_FILE):
-            _write_file(generation / name, data, mode)
+            write_exclusive(generation / name, data, mode)
         _fsync_dir(generation)
         temporary_link.symlink_to(generation.name)
         if current.is_dir() and not current.is_symlink():  # a plain directory: moved aside

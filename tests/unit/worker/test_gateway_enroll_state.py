@@ -334,16 +334,16 @@ def test_a_write_that_fails_midway_keeps_the_old_state(
     old = store(tmp_path, ca, worker)
     before = {p.name: p.read_bytes() for p in (tmp_path / "gateway").iterdir()}
     generation = layout(tmp_path)
-    real_write = gateway_enroll._write_file
+    real_write = gateway_enroll.write_exclusive
     written: list[str] = []
 
-    def failing(path: Path, data: bytes, file_mode: int) -> None:
+    def failing(path: Path, data: bytes, file_mode: int = 0o600) -> None:
         if len(written) == 2:
             raise OSError(28, "No space left on device")
         written.append(path.name)
         real_write(path, data, file_mode)
 
-    monkeypatch.setattr(gateway_enroll, "_write_file", failing)
+    monkeypatch.setattr(gateway_enroll, "write_exclusive", failing)
     with pytest.raises(GatewayEnrollError, match="No space left on device") as info:
         store(tmp_path, ca, worker)
     assert info.value.code == "state"

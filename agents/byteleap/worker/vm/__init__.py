@@ -17,12 +17,11 @@ never a shell, always with a timeout) and the one way state files are written (0
 
 from __future__ import annotations
 
-import contextlib
-import os
-import secrets
 import subprocess
 from collections.abc import Sequence
-from pathlib import Path
+
+# Re-exported: the VM modules keep their lease state in private files.
+from ...core.files import replace_private_file
 
 __all__ = ["ToolError", "VmError", "replace_private_file", "run_tool"]
 
@@ -68,32 +67,3 @@ def run_tool(
             + (f": {detail}" if detail else "")
         )
     return done.stdout.decode("utf-8", "replace")
-
-
-def replace_private_file(path: Path, data: bytes) -> None:
-    """Write ``path`` atomically with mode 0600, replacing any previous version.
-
-    A reader (or a crash) sees either the old content or the new one, never a mix: the data goes
-    to a temporary file in the same directory, is fsynced, renamed over ``path``, and the
-    directory is fsynced.
-    """
-    tmp = path.parent / f".{path.name}.{secrets.token_hex(8)}.tmp"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
-    try:
-        try:
-            os.fchmod(fd, 0o600)
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view) :]
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        tmp.replace(path)
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
-    dfd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)
