@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import random
+import re
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 from byteleap.core.challenge import cupy_backend, draw_sample, prf, prove, verify
+from byteleap.core.challenge.device_process import DeviceProcess
 
 from .test_challenge import make_spec, revealed
 
@@ -51,3 +55,43 @@ def test_gpu_prover_matches_cpu_and_verifies(precision: str) -> None:
         sample = draw_sample(spec.n, 16, 8, rng)
         assert verify(spec, gpu.root, sample, revealed(gpu, sample)).ok
     gpu.release()
+
+
+def _nvml_uuid(index: int) -> str:
+    import pynvml
+
+    pynvml.nvmlInit()
+    try:
+        uuid = pynvml.nvmlDeviceGetUUID(pynvml.nvmlDeviceGetHandleByIndex(index))
+    finally:
+        pynvml.nvmlShutdown()
+    return uuid.decode() if isinstance(uuid, bytes) else str(uuid)
+
+
+def _nvidia_nodes(pid: int) -> set[str]:
+    nodes = set()
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        with contextlib.suppress(OSError):
+            target = str(fd.readlink())
+            if re.fullmatch(r"/dev/nvidia[0-9]+", target):
+                nodes.add(target)
+    return nodes
+
+
+def test_gpu_prover_process_holds_only_its_gpu_and_lets_go_on_stop(tmp_path: Path) -> None:
+    uuid = _nvml_uuid(0)
+    prover = DeviceProcess("cupy", uuid, cache_dir=tmp_path / "kernels")
+    try:
+        ready = prover.start()
+        assert ready.visible_devices == uuid and ready.pci_bus_id
+        spec = make_spec(2048, tag="gpu-process")
+        remote = prove(spec, prover)
+        assert remote.root == prove(spec).root
+        sample = draw_sample(spec.n, 16, 8, random.Random(9))
+        assert verify(spec, remote.root, sample, revealed(remote, sample)).ok
+        pid = prover.pid
+        assert pid is not None
+        assert len(_nvidia_nodes(pid)) == 1  # CUDA_VISIBLE_DEVICES hides every other GPU
+    finally:
+        prover.stop()
+    assert not Path(f"/proc/{pid}").exists()  # exited: the GPU can go to vfio-pci

@@ -11,8 +11,9 @@ restart-looping):
    (created on first start; the worker id derives from it).
 
 Then the event loop: the systemd watchdog pings from the loop, the inventory is collected and the
-challenge devices are set up off the loop (CPU ``cpu-0`` always; CUDA GPUs through CuPy unless
-``gpu.mode`` is ``passthrough``), and the :class:`~byteleap.worker.link.WorkerLink` runs.
+challenge devices are set up off the loop (CPU ``cpu-0`` always; each CUDA GPU through CuPy in a
+prover process of its own unless ``gpu.mode`` is ``passthrough``), and the
+:class:`~byteleap.worker.link.WorkerLink` runs.
 ``READY=1`` goes out after the first successful miner session, or after the first failed attempt
 when the miner is unreachable (the agent is then configured and retrying; ``STATUS=`` says which).
 ``STATUS=`` follows every link state change. SIGTERM/SIGINT: ``STOPPING=1``, the link is closed
@@ -30,14 +31,17 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib.util
 import logging
 import sys
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import NoReturn
 
 from byteleap import __version__
 from byteleap.core import wire
+from byteleap.core.challenge.device_process import DeviceProcess, ProverProcessError, Ready
 from byteleap.core.challenge.prover import NumpyBackend
 from byteleap.core.config import ConfigError, load_config
 from byteleap.core.credentials import CredentialError, read_secret
@@ -81,10 +85,29 @@ _AMPERE_PRECISIONS = frozenset({"tf32", "bf16"})  # compute capability 8.0 and n
 # Challenge devices
 
 
-def build_devices(cfg: WorkerConfig, inv: wire.Inventory) -> list[Device]:
-    """The devices that run challenges: ``cpu-0`` always, CUDA GPUs when CuPy can use them.
+ProverFactory = Callable[[wire.GpuInfo, Path], DeviceProcess]
+"""Makes the prover of one GPU: its inventory entry and the kernel cache directory."""
 
-    Blocking (CuPy compiles its kernels per device): call it off the event loop.
+
+def cupy_prover(gpu: wire.GpuInfo, cache_dir: Path) -> DeviceProcess:
+    """The GPU's CuPy prover, in a child process that sees only this GPU (by NVML uuid)."""
+    # Looked up, never imported: the worker process itself must not initialise CUDA.
+    if importlib.util.find_spec("cupy") is None:
+        raise ProverProcessError("CuPy is not installed (the cuda extra)")
+    return DeviceProcess("cupy", gpu.uuid, cache_dir=cache_dir)
+
+
+def build_devices(
+    cfg: WorkerConfig, inv: wire.Inventory, *, make_prover: ProverFactory = cupy_prover
+) -> list[Device]:
+    """The devices that run challenges: ``cpu-0`` always, each GPU on the NVIDIA driver when CuPy
+    can use it.
+
+    The worker process itself never initialises CUDA (a CUDA process holds every GPU it sees
+    until it exits, so no GPU could leave for a lease): each GPU proves in a child process of
+    its own (:mod:`byteleap.core.challenge.device_process`), started here so that the first
+    challenge does not pay for loading CUDA and compiling the kernels. Blocking: call it off the
+    event loop.
     """
     devices = [Device(uuid=CPU_DEVICE, backend=NumpyBackend(), precisions=frozenset({"fp32"}))]
     if cfg.gpu.mode == "passthrough":
@@ -92,61 +115,65 @@ def build_devices(cfg: WorkerConfig, inv: wire.Inventory) -> list[Device]:
         return devices
     if cfg.challenge.backend == "numpy":
         return devices
-    try:
-        from byteleap.core.challenge import cupy_backend
-
-        available = cupy_backend.is_available()
-    except Exception:  # a broken CUDA install must not stop the CPU worker
-        available = False
-    if not available:
-        if cfg.challenge.backend == "cupy" or inv.gpus:
-            log.warning(
-                "CuPy cannot use any CUDA device (is the cuda extra installed?): "
-                "GPU challenges are disabled, cpu-0 only"
-            )
+    gpus = [gpu for gpu in inv.gpus if not gpu.vfio_bound]
+    if not gpus:
+        if cfg.challenge.backend == "cupy":
+            log.warning("challenge.backend is cupy but no GPU is on the NVIDIA driver: cpu-0 only")
         return devices
-    devices.extend(_cuda_devices(inv))
+    devices.extend(_gpu_devices(gpus, Path(cfg.state_dir) / "cupy-cache", make_prover))
     return devices
 
 
-def _cuda_devices(inv: wire.Inventory) -> list[Device]:
-    """One device per CUDA GPU, named by the NVML uuid of the inventory GPU at its PCI address."""
-    import cupy
+def _gpu_devices(
+    gpus: list[wire.GpuInfo], cache_dir: Path, make_prover: ProverFactory
+) -> list[Device]:
+    """Start every GPU's prover at once (each loads CUDA for seconds); keep those that work."""
 
-    from byteleap.core.challenge.cupy_backend import CupyBackend
-
-    by_address = {
-        inventory.normalize_pci_address(gpu.pci_bus_id): gpu
-        for gpu in inv.gpus
-        if not gpu.vfio_bound
-    }
-    devices: list[Device] = []
-    for index in range(int(cupy.cuda.runtime.getDeviceCount())):
+    def start(gpu: wire.GpuInfo) -> tuple[DeviceProcess, Ready] | Exception:
         try:
-            address = inventory.normalize_pci_address(
-                str(cupy.cuda.runtime.deviceGetPCIBusId(index))
-            )
-            gpu = by_address.get(address)
-            if gpu is None:
-                log.warning(
-                    "CUDA device %d at %s is not in the NVML inventory: no challenges on it",
-                    index,
-                    address,
-                )
-                continue
-            precisions = _GPU_PRECISIONS
-            if _major(gpu.compute_capability) >= 8:
-                precisions = precisions | _AMPERE_PRECISIONS
-            devices.append(Device(uuid=gpu.uuid, backend=CupyBackend(index), precisions=precisions))
-            log.info(
-                "GPU %s (%s, CUDA device %d) runs challenges in %s",
+            prover = make_prover(gpu, cache_dir)
+        except Exception as exc:
+            return exc
+        try:
+            return prover, prover.start()
+        except Exception as exc:  # one bad GPU must not hide the others
+            prover.stop()
+            return exc
+
+    with ThreadPoolExecutor(max_workers=len(gpus), thread_name_prefix="prover-start") as pool:
+        started = list(pool.map(start, gpus))
+    devices: list[Device] = []
+    for gpu, outcome in zip(gpus, started, strict=True):
+        if isinstance(outcome, Exception):
+            log.warning(
+                "GPU %s (%s) cannot run challenges, cpu-0 and the other GPUs carry on: %s",
                 gpu.uuid,
                 gpu.name,
-                index,
-                ", ".join(sorted(precisions)),
+                outcome,
             )
-        except Exception as exc:  # one bad GPU must not hide the others
-            log.warning("CUDA device %d cannot run challenges: %s", index, exc)
+            continue
+        prover, ready = outcome
+        expected = inventory.normalize_pci_address(gpu.pci_bus_id)
+        if ready.pci_bus_id and inventory.normalize_pci_address(ready.pci_bus_id) != expected:
+            log.warning(
+                "GPU %s: its prover sees the CUDA device at %s, not %s: no challenges on it",
+                gpu.uuid,
+                ready.pci_bus_id,
+                expected,
+            )
+            prover.stop()
+            continue
+        precisions = _GPU_PRECISIONS
+        if _major(gpu.compute_capability) >= 8:
+            precisions = precisions | _AMPERE_PRECISIONS
+        devices.append(Device(uuid=gpu.uuid, backend=prover, precisions=precisions))
+        log.info(
+            "GPU %s (%s) runs challenges in %s (prover pid %d)",
+            gpu.uuid,
+            gpu.name,
+            ", ".join(sorted(precisions)),
+            ready.pid,
+        )
     return devices
 
 

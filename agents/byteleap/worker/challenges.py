@@ -14,18 +14,21 @@ method is meant to be called there, and only the reading of revealed rows goes t
 (:meth:`ChallengeRunner.reveal_off_loop`).
 
 A GPU handed to a lease leaves challenge duty first (:meth:`ChallengeRunner.withdraw`): new
-challenges on it are refused with ``DEVICE_LEASED``, the computation running on it is waited for
-and every result held in its memory is freed, so nothing of ours is on the GPU when it moves to
-vfio-pci. :meth:`ChallengeRunner.restore` takes it back after the lease.
+challenges on it are refused with ``DEVICE_LEASED``, the computation running on it is waited for,
+every result held in its memory is freed and its prover process is ended
+(:class:`HeldDevice`), so nothing of ours holds the GPU when it moves to vfio-pci.
+:meth:`ChallengeRunner.restore` takes it back after the lease and starts its prover again.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
+from typing import Protocol, runtime_checkable
 
 import msgspec
 
@@ -38,6 +41,18 @@ log = logging.getLogger(__name__)
 
 class ChallengeRefusedError(wire.CodedError):
     """A challenge or reveal that the worker will not (or can no longer) serve."""
+
+
+@runtime_checkable
+class HeldDevice(Protocol):
+    """A backend that holds its device while it runs (a GPU prover process): ``stop`` lets go.
+
+    Both block; the runner calls them in the device's executor, after its queued work.
+    """
+
+    def start(self) -> object: ...
+
+    def stop(self) -> None: ...
 
 
 class Device(msgspec.Struct, frozen=True):
@@ -118,12 +133,39 @@ class ChallengeRunner:
         ]:
             self.release(challenge_id)
         await self._drain(targets)  # the frees run in the devices' executors
+        await self._let_go(targets)
         log.info("device(s) %s left challenge duty for a lease", ", ".join(sorted(targets)))
 
+    async def _let_go(self, uuids: set[str]) -> None:
+        """End the provers that hold these devices (in their executors, after queued work)."""
+        loop = asyncio.get_running_loop()
+        stopping: dict[str, asyncio.Future[None]] = {}
+        for uuid in sorted(uuids):
+            backend = self._devices[uuid].backend
+            if isinstance(backend, HeldDevice):
+                try:
+                    stopping[uuid] = loop.run_in_executor(self._executors[uuid], backend.stop)
+                except RuntimeError:  # closed runner: close() stopped it already
+                    continue
+        outcomes = await asyncio.gather(*stopping.values(), return_exceptions=True)
+        for uuid, outcome in zip(stopping, outcomes, strict=True):
+            if isinstance(outcome, BaseException):
+                # The bind that follows names whoever still holds the GPU (vfio-setup).
+                log.error("could not end the prover of %s before its lease: %s", uuid, outcome)
+
     def restore(self, uuids: Iterable[str]) -> None:
-        """Put devices back on challenge duty after their lease ended."""
+        """Put devices back on challenge duty after their lease ended.
+
+        Their provers start again in the background, so the next challenge does not pay for it;
+        one that fails to start is retried by that challenge.
+        """
         back = self._leased & set(uuids)
         self._leased -= back
+        for uuid in sorted(back):
+            backend = self._devices[uuid].backend
+            if isinstance(backend, HeldDevice):
+                with contextlib.suppress(RuntimeError):  # a closed runner starts nothing
+                    self._executors[uuid].submit(_warm_up, uuid, backend)
         if back:
             log.info("device(s) %s back on challenge duty", ", ".join(sorted(back)))
 
@@ -304,15 +346,26 @@ class ChallengeRunner:
         _release(proof)
 
     def close(self) -> None:
-        """Free every held result; the executors end after their queued work (without waiting)."""
+        """Free every held result and end the provers; the executors end after their queued work
+        (without waiting here; a prover also exits by itself when its worker does)."""
         for cid in list(self._held):
             self.release(cid)
-        for executor in self._executors.values():
+        for uuid, executor in self._executors.items():
+            backend = self._devices[uuid].backend
+            if isinstance(backend, HeldDevice):
+                executor.submit(backend.stop)
             executor.shutdown(wait=False)
 
 
 def _nothing() -> None:
     """The empty job :meth:`ChallengeRunner._drain` queues behind a device's work."""
+
+
+def _warm_up(uuid: str, backend: HeldDevice) -> None:
+    try:
+        backend.start()
+    except Exception as exc:  # the next challenge on it tries again, and says why it failed
+        log.warning("the prover of %s did not start after its lease: %s", uuid, exc)
 
 
 def _release(proof: ProvenChallenge) -> None:

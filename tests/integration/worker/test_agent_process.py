@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import stat
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -12,7 +14,7 @@ import msgspec
 import pytest
 
 from byteleap.core import wire
-from byteleap.core.challenge import cupy_backend
+from byteleap.core.challenge.device_process import DeviceProcess
 from byteleap.core.config import load_config
 from byteleap.worker.agent import CPU_DEVICE, build_devices
 from byteleap.worker.config import ENV_PREFIX, ChallengeSettings, GpuSettings, WorkerConfig
@@ -98,18 +100,101 @@ def test_bad_configuration_exits_2_with_one_line(
     assert "0123456789abcdef" not in result.stderr  # never the secret
 
 
-def test_challenge_devices_are_cpu_only_without_cuda_or_in_passthrough(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    inv = wire.Inventory(cpu_model="Test CPU", cpu_cores=2, mem_bytes=1 << 30)
+def _gpu(uuid: str, address: str, *, capability: str = "9.0", vfio: bool = False) -> wire.GpuInfo:
+    return wire.GpuInfo(
+        uuid=uuid,
+        name="NVIDIA H100 80GB HBM3",
+        mem_bytes=80 << 30,
+        pci_bus_id=address,
+        compute_capability=capability,
+        vfio_bound=vfio,
+    )
+
+
+H100 = _gpu("GPU-11111111-2222-3333-4444-555555555555", "0000:1B:00.0")
+A10 = _gpu("GPU-aaaaaaaa-2222-3333-4444-555555555555", "0000:3b:00.0", capability="8.6")
+V100 = _gpu("GPU-bbbbbbbb-2222-3333-4444-555555555555", "0000:5e:00.0", capability="7.0")
+LEASED = _gpu("PCI-0000:81:00.0", "0000:81:00.0", vfio=True)
+
+
+def _cpu_prover(gpu: wire.GpuInfo, cache_dir: Path) -> DeviceProcess:
+    """A real prover process on the CPU, standing in for CuPy where no GPU is."""
+    return DeviceProcess("numpy", gpu.uuid, cache_dir=cache_dir)
+
+
+def test_challenge_devices_are_cpu_only_without_cuda_or_in_passthrough(tmp_path: Path) -> None:
     cfg = load_config(None, WorkerConfig, env_prefix=ENV_PREFIX, environ={})
-    devices = build_devices(cfg, inv)
+    cfg = msgspec.structs.replace(cfg, state_dir=str(tmp_path))
+    bare = wire.Inventory(cpu_model="Test CPU", cpu_cores=2, mem_bytes=1 << 30)
+    devices = build_devices(cfg, bare)
     assert [(d.uuid, d.precisions) for d in devices] == [(CPU_DEVICE, frozenset({"fp32"}))]
 
-    # Even with CUDA present, passthrough GPUs belong to VMs and numpy means CPU only.
-    monkeypatch.setattr(cupy_backend, "is_available", lambda: True)
+    # With GPUs that could prove, passthrough GPUs belong to VMs and numpy means CPU only.
+    inv = msgspec.structs.replace(bare, gpus=[H100])
     for changed in (
         msgspec.structs.replace(cfg, gpu=GpuSettings(mode="passthrough")),
         msgspec.structs.replace(cfg, challenge=ChallengeSettings(backend="numpy")),
     ):
-        assert [d.uuid for d in build_devices(changed, inv)] == [CPU_DEVICE]
+        assert [d.uuid for d in build_devices(changed, inv, make_prover=_cpu_prover)] == [
+            CPU_DEVICE
+        ]
+
+
+def test_each_gpu_on_the_nvidia_driver_proves_in_a_process_of_its_own(tmp_path: Path) -> None:
+    cfg = load_config(None, WorkerConfig, env_prefix=ENV_PREFIX, environ={})
+    cfg = msgspec.structs.replace(cfg, state_dir=str(tmp_path))
+    inv = wire.Inventory(
+        cpu_model="Test CPU", cpu_cores=2, mem_bytes=1 << 30, gpus=[H100, A10, V100, LEASED]
+    )
+    devices = build_devices(cfg, inv, make_prover=_cpu_prover)
+    try:
+        assert [d.uuid for d in devices] == [CPU_DEVICE, H100.uuid, A10.uuid, V100.uuid]
+        precisions = {d.uuid: d.precisions for d in devices}
+        assert precisions[A10.uuid] == {"fp32", "fp16", "tf32", "bf16"}
+        assert precisions[V100.uuid] == {"fp32", "fp16"}  # no tf32/bf16 before Ampere
+        provers = [d.backend for d in devices[1:]]
+        assert all(isinstance(p, DeviceProcess) for p in provers)
+        pids = {p.pid for p in provers if isinstance(p, DeviceProcess)}
+        assert None not in pids and len(pids) == 3 and os.getpid() not in pids
+    finally:
+        for device in devices[1:]:
+            if isinstance(device.backend, DeviceProcess):
+                device.backend.stop()
+
+
+def test_a_gpu_whose_prover_fails_is_left_out_and_the_others_carry_on(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    cfg = load_config(None, WorkerConfig, env_prefix=ENV_PREFIX, environ={})
+    cfg = msgspec.structs.replace(cfg, state_dir=str(tmp_path))
+    inv = wire.Inventory(cpu_model="Test CPU", cpu_cores=2, mem_bytes=1 << 30, gpus=[H100, A10])
+    broken = tmp_path / "broken-python"
+    broken.write_text(f"#!{sys.executable}\nimport sys\nsys.exit(3)\n")
+    broken.chmod(0o755)
+
+    def one_broken(gpu: wire.GpuInfo, cache_dir: Path) -> DeviceProcess:
+        if gpu is A10:
+            return DeviceProcess("numpy", gpu.uuid, python=str(broken))
+        return _cpu_prover(gpu, cache_dir)
+
+    devices = build_devices(cfg, inv, make_prover=one_broken)
+    try:
+        assert [d.uuid for d in devices] == [CPU_DEVICE, H100.uuid]
+        assert f"GPU {A10.uuid}" in caplog.text and "exit status 3" in caplog.text
+    finally:
+        for device in devices[1:]:
+            if isinstance(device.backend, DeviceProcess):
+                device.backend.stop()
+
+
+@pytest.mark.skipif(
+    importlib.util.find_spec("cupy") is not None, reason="CuPy is installed on this host"
+)
+def test_without_cupy_every_gpu_says_why_and_cpu_0_carries_on(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    cfg = load_config(None, WorkerConfig, env_prefix=ENV_PREFIX, environ={})
+    cfg = msgspec.structs.replace(cfg, state_dir=str(tmp_path))
+    inv = wire.Inventory(cpu_model="Test CPU", cpu_cores=2, mem_bytes=1 << 30, gpus=[H100])
+    assert [d.uuid for d in build_devices(cfg, inv)] == [CPU_DEVICE]
+    assert "CuPy is not installed" in caplog.text and H100.uuid in caplog.text

@@ -5,14 +5,17 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import os
 import threading
 
 import pytest
 
 from byteleap.core import wire
 from byteleap.core.challenge import ChallengeSpec, ProvenChallenge, prove
+from byteleap.core.challenge.device_process import DeviceProcess, ProverProcessError, Ready
 from byteleap.core.challenge.prover import Backend, NumpyBackend
 from byteleap.worker.challenges import ChallengeRefusedError, ChallengeRunner, Device
+from tests.support.fixtures import eventually
 
 WORKER_ID = "0123456789abcdef" * 2
 HOTKEY = "5GrwvaEF5zXb26Fz9rcQpDWS57CtERHpNehXCPcNoHGKutQY"
@@ -100,3 +103,55 @@ async def test_withdraw_frees_held_results_of_that_device_only() -> None:
     )
     assert reveal.rows[0].index == 0
     r.close()
+
+
+async def test_withdraw_ends_the_gpu_prover_process_and_restore_starts_it_again() -> None:
+    """Only a process that exits lets go of a GPU (CUDA keeps its device nodes open until then):
+    a leased GPU's prover process is gone before the GPU moves, and back after the lease."""
+    prover = DeviceProcess("numpy", GPU)
+    devices = [
+        Device(uuid="cpu-0", backend=NumpyBackend(), precisions=frozenset({"fp32"})),
+        Device(uuid=GPU, backend=prover, precisions=frozenset({"fp32"})),
+    ]
+    r = ChallengeRunner(WORKER_ID, devices, max_n=4096, result_ttl_s=300)
+    try:
+        assert (await r.run(request("before"))).device_uuid == GPU
+        pid = prover.pid
+        assert pid is not None
+        await r.withdraw([GPU])
+        assert prover.pid is None and r.held_results == 0
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)  # exited and reaped: it holds no device node any more
+        r.restore([GPU])
+        await eventually(lambda: prover.pid is not None)  # warmed up before any challenge
+        assert prover.pid != pid
+        commit = await r.run(request("after"))
+        reveal = await r.reveal_off_loop(
+            wire.RevealRequest(challenge_id=commit.challenge_id, device_uuid=GPU, rows=[0, 1])
+        )
+        assert [row.index for row in reveal.rows] == [0, 1]
+    finally:
+        r.close()
+    await eventually(lambda: prover.pid is None)  # close() ends it too
+
+
+async def test_a_prover_that_cannot_start_after_a_lease_fails_only_its_challenges() -> None:
+    class Broken(DeviceProcess):
+        def start(self) -> Ready:
+            raise ProverProcessError("CUDA error: no device")
+
+    devices = [
+        Device(uuid="cpu-0", backend=NumpyBackend(), precisions=frozenset({"fp32"})),
+        Device(uuid=GPU, backend=Broken("numpy", GPU), precisions=frozenset({"fp32"})),
+    ]
+    r = ChallengeRunner(WORKER_ID, devices, max_n=4096, result_ttl_s=300)
+    try:
+        await r.withdraw([GPU])
+        r.restore([GPU])  # the warm-up fails and is logged, nothing raises
+        with pytest.raises(ChallengeRefusedError) as failed:
+            await r.run(request("gpu"))
+        assert failed.value.code == wire.ErrorCode.INTERNAL
+        assert "no device" in failed.value.message
+        assert (await r.run(request("cpu", device="cpu-0"))).device_uuid == "cpu-0"
+    finally:
+        r.close()

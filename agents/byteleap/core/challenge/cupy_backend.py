@@ -117,6 +117,15 @@ def is_available() -> bool:
         return False
 
 
+def device_identity(device: int) -> tuple[str, str]:
+    """The name and PCI address (``0000:17:00.0``) of CUDA device ``device``."""
+    cp = _cupy()
+    name = cp.cuda.runtime.getDeviceProperties(device)["name"]
+    if isinstance(name, bytes):
+        name = name.decode("utf-8", "replace")
+    return str(name), str(cp.cuda.runtime.deviceGetPCIBusId(device)).lower()
+
+
 class _DeviceMatrix:
     """C in the VRAM of CUDA device ``device``; any thread may read rows or release it."""
 
