@@ -24,6 +24,7 @@ import numpy as np
 
 from byteleap.core import merkle
 from byteleap.core.challenge import ChallengeSpec, draw_sample, prf, prove, verify
+from byteleap.core.challenge.device_process import DeviceProcess
 from byteleap.core.challenge.prover import cpu_threads
 
 from .bench_scoring_cycle import bench_scoring_cycle
@@ -82,6 +83,55 @@ def bench_prover(sizes: list[int], repeats: int) -> list[dict[str, Any]]:
             file=sys.stderr,
         )
     return out
+
+
+def bench_prover_process(sizes: list[int], repeats: int) -> dict[str, Any]:
+    """What proving in a child process (device_process, one per GPU) costs over proving in the
+    worker's own process: start-up, the product end to end, and a reveal of 16 rows."""
+    prover = DeviceProcess("numpy", "cpu-bench")
+    start = time.perf_counter()
+    prover.start()
+    started_s = time.perf_counter() - start
+    rows = list(range(0, 16))
+    out: list[dict[str, Any]] = []
+    try:
+        for n in sizes:
+            spec = _spec(n, f"process-{n}")
+
+            def local(spec: ChallengeSpec = spec) -> None:
+                prove(spec).release()
+
+            def remote(spec: ChallengeSpec = spec) -> None:
+                prove(spec, prover).release()
+
+            local()  # warm BLAS threads in both processes
+            remote()
+            local_s = _median_time(local, repeats)
+            remote_s = _median_time(remote, repeats)
+            held_local, held_remote = prove(spec), prove(spec, prover)
+            reveal_local = _median_time(lambda h=held_local: h.reveal(rows), repeats)
+            reveal_remote = _median_time(lambda h=held_remote: h.reveal(rows), repeats)
+            held_local.release()
+            held_remote.release()
+            out.append(
+                {
+                    "n": n,
+                    "in_process_s": local_s,
+                    "child_process_s": remote_s,
+                    "overhead_ratio": remote_s / local_s - 1.0,
+                    "reveal_16_rows_in_process_s": reveal_local,
+                    "reveal_16_rows_child_process_s": reveal_remote,
+                }
+            )
+            print(
+                f"prover process n={n}: {remote_s * 1e3:.1f} ms vs in-process "
+                f"{local_s * 1e3:.1f} ms (overhead {100 * (remote_s / local_s - 1):.1f}%); "
+                f"reveal 16 rows {reveal_remote * 1e3:.2f} vs {reveal_local * 1e3:.2f} ms",
+                file=sys.stderr,
+            )
+    finally:
+        prover.stop()
+    return {"backend": "numpy", "start_s": started_s, "sizes": out}
 
 
 def _synthetic_commitment(
@@ -177,6 +227,7 @@ def run(quick: bool = False) -> dict[str, Any]:
             "cpus": cpu_threads(),
         },
         "prover": bench_prover([256, 512] if quick else [1024, 2048, 4096], repeats),
+        "prover_process": bench_prover_process([256] if quick else [1024, 4096], repeats),
         "verifier": bench_verifier(
             [256, 2048] if quick else [2048, 32768], 16, 8, 3 if quick else 20
         ),

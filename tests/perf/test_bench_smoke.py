@@ -20,4 +20,7 @@ def test_bench_writes_json(tmp_path: Path) -> None:
     assert {p["n"] for p in result["prover"]} == {256, 512}
     assert all(p["prover_s"] > 0 and p["bare_matmul_s"] > 0 for p in result["prover"])
     assert {v["n"] for v in result["verifier"]} == {256, 2048}
+    process = result["prover_process"]
+    assert process["start_s"] > 0 and [p["n"] for p in process["sizes"]] == [256]
+    assert all(p["child_process_s"] > 0 for p in process["sizes"])
     assert result["merkle"]["build_gbps_1_thread"] > 0

@@ -4,8 +4,9 @@
 ``bus/pci/devices/<BDF>`` links into them, ``driver`` and ``iommu_group`` links,
 ``kernel/iommu_groups/<n>/devices/<BDF>``, ``bus/pci/drivers/<name>/{bind,unbind,new_id,...}``,
 ``bus/pci/drivers_probe``, ``module/<name>``), ``proc/`` (``cmdline``, ``cpuinfo``,
-``sys/kernel/osrelease``, ``version``) and an empty config ``root/`` with the installed kernel's
-module tree.
+``sys/kernel/osrelease``, ``version``, ``driver/nvidia/gpus/<BDF>/information`` while a GPU is on
+the nvidia driver, and processes: ``<pid>/comm`` and ``<pid>/fd/<n>`` links) and an empty config
+``root/`` with the installed kernel's module tree.
 
 A tree of plain files cannot react to writes. :class:`FakeKernel` plays the kernel's part: call
 it with every (relative path, value) written into ``sys/`` and it moves ``driver`` links on
@@ -17,6 +18,8 @@ from __future__ import annotations
 
 import errno
 import os
+import shutil
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -48,6 +51,22 @@ DRIVER_MODULES = {
     "ast": "ast",
     "pcieport": None,
 }
+
+# /proc/driver/nvidia/gpus/<BDF>/information laid out as the nvidia driver writes it.
+NVIDIA_INFORMATION = """\
+Model: \t\t NVIDIA {model}
+IRQ:   \t\t {irq}
+GPU UUID: \t GPU-{minor:08x}-5a4e-4c1f-9b1e-0c2a7d3e{minor:04x}
+Video BIOS: \t 96.00.74.00.01
+Bus Type: \t PCIe
+DMA Size: \t 52 bits
+DMA Mask: \t 0xfffffffffffff
+Bus Location: \t {bdf}
+Device Minor: \t {minor}
+GPU Excluded:\t No
+"""
+# What every process has open besides a GPU: none of it may count as holding one.
+ORDINARY_FDS = ("/dev/null", "pipe:[40321]", "socket:[40322]")
 
 
 @dataclass(frozen=True)
@@ -131,6 +150,8 @@ class FakeHost:
         self.iommu = iommu
         self.kernel = kernel
         self.devices: dict[str, FakeDevice] = {}
+        # /dev/nvidia<minor> of each GPU, given out in the order the nvidia driver first takes them.
+        self.nvidia_minors: dict[str, int] = {}
         for directory in ("devices", "bus/pci/devices", "bus/pci/drivers", "module"):
             (self.sys / directory).mkdir(parents=True)
         # The kernel has the directory with the IOMMU off too; it is just empty.
@@ -170,6 +191,49 @@ class FakeHost:
 
     def set_cmdline(self, cmdline: str) -> None:
         (self.proc / "cmdline").write_text(cmdline + "\n")
+
+    def nvidia_information(self, bdf: str) -> Path:
+        return self.proc / "driver/nvidia/gpus" / bdf / "information"
+
+    def set_nvidia_information(self, bdf: str, minor: int | None = None) -> Path:
+        """What the nvidia driver shows for a GPU it has (minor: keep or give out the next)."""
+        if minor is None:
+            minor = self.nvidia_minors.get(bdf, max(self.nvidia_minors.values(), default=-1) + 1)
+        self.nvidia_minors[bdf] = minor
+        device = self.devices[bdf]
+        path = self.nvidia_information(bdf)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        text = NVIDIA_INFORMATION.format(model=device.ids, irq=150 + minor, minor=minor, bdf=bdf)
+        path.write_text(text)
+        return path
+
+    def remove_nvidia_information(self, bdf: str) -> None:
+        """As when the nvidia driver lets the GPU go (or lays procfs out some other way)."""
+        shutil.rmtree(self.nvidia_information(bdf).parent, ignore_errors=True)
+
+    def nvidia_node(self, bdf: str) -> str:
+        return f"/dev/nvidia{self.nvidia_minors[bdf]}"
+
+    def add_process(self, pid: int, comm: str, open_files: Iterable[str] = ()) -> Path:
+        """A process with ``open_files`` open (after stdin/out/err), as ``proc/<pid>/fd`` links.
+
+        The links dangle (there is no /dev in the tree): readlink, all the tool does, works.
+        """
+        directory = self.proc / str(pid)
+        (directory / "fd").mkdir(parents=True)
+        (directory / "comm").write_text(f"{comm[:15]}\n")  # the kernel cuts it to 15 characters
+        for fd, target in enumerate((*ORDINARY_FDS, *open_files)):
+            (directory / "fd" / str(fd)).symlink_to(target)
+        return directory
+
+    def hold_gpu(self, bdf: str, pid: int, comm: str) -> Path:
+        """A process using the GPU as CUDA or NVML does: its node, nvidiactl and nvidia-uvm."""
+        return self.add_process(
+            pid, comm, ("/dev/nvidiactl", "/dev/nvidia-uvm", self.nvidia_node(bdf))
+        )
+
+    def end_process(self, pid: int) -> None:
+        shutil.rmtree(self.proc / str(pid))
 
     # ---- drivers and modules
 
@@ -294,6 +358,8 @@ class FakeHost:
         directory = self.add_driver(driver)
         _relative_link(device.directory / "driver", directory)
         _relative_link(directory / bdf, device.directory)
+        if driver == "nvidia" and device.pci_class >> 16 == 0x03:
+            self.set_nvidia_information(bdf)
 
     def unbind(self, bdf: str) -> None:
         device = self.devices[bdf]
@@ -302,6 +368,8 @@ class FakeHost:
             return
         (device.directory / "driver").unlink()
         (self.sys / "bus/pci/drivers" / driver / bdf).unlink()
+        if driver == "nvidia":
+            self.remove_nvidia_information(bdf)
 
     def driver_of(self, bdf: str) -> str | None:
         link = self.devices[bdf].directory / "driver"

@@ -12,8 +12,8 @@ import shutil
 import stat
 import subprocess
 import sys
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -81,13 +81,39 @@ class Result:
         return json.loads(self.out)
 
 
+@dataclass
+class FakeClock:
+    """The tool's Clock without real time: sleeping moves ``now`` on and may make things happen."""
+
+    now_s: float = 1000.0
+    slept: list[float] = field(default_factory=list)
+    on_sleep: Callable[[int], None] | None = None
+    """Called after each sleep with the number of sleeps so far (a holder lets go, say)."""
+
+    def now(self) -> float:
+        return self.now_s
+
+    def sleep(self, seconds: float) -> None:
+        self.slept.append(seconds)
+        self.now_s += seconds
+        if self.on_sleep is not None:
+            self.on_sleep(len(self.slept))
+
+
 @pytest.fixture
 def run(capsys: pytest.CaptureFixture[str]) -> Iterator[Any]:
-    """``run(host, *args, kernel=None)``: main() in process; the kernel reacts to writes."""
+    """``run(host, *args, kernel=None, clock=None)``: main() in process; the kernel reacts to
+    writes; waiting for GPU holders takes no real time (a fresh FakeClock unless given)."""
 
-    def invoke(host: FakeHost, *args: str, kernel: FakeKernel | None = None) -> Result:
+    def invoke(
+        host: FakeHost,
+        *args: str,
+        kernel: FakeKernel | None = None,
+        clock: FakeClock | None = None,
+    ) -> Result:
         capsys.readouterr()
-        code = tool.main(host.argv(*args), after_sysfs_write=kernel)
+        clock = FakeClock() if clock is None else clock
+        code = tool.main(host.argv(*args), after_sysfs_write=kernel, clock=clock)
         captured = capsys.readouterr()
         return Result(code, captured.out, captured.err)
 
@@ -184,9 +210,16 @@ def test_list_json_describes_each_gpu_and_companion(tmp_path: Path, run: Any) ->
         "driver_override": "vfio-pci",
         "iommu_group": "60",
         "companions": [],
+        "holder_check": None,  # no /dev/nvidia* node off the nvidia driver
     }
     assert gpus[0]["driver"] == "nvidia"
     assert gpus[0]["driver_override"] is None
+    assert gpus[0]["holder_check"] == {
+        "state": "clear",
+        "device_node": "/dev/nvidia0",
+        "holders": [],
+        "unavailable": None,
+    }
 
 
 def test_options_may_follow_the_command(tmp_path: Path, run: Any) -> None:
@@ -502,6 +535,288 @@ def test_sysfs_links_leading_outside_the_tree_are_not_written(tmp_path: Path, ru
 
 
 # --------------------------------------------------------------------------------------------
+# bind --dynamic: processes holding the GPU (the nvidia driver's unbind would hang on them)
+
+PERSISTENCED_REFUSAL = (
+    "vfio-setup: 0000:01:00.0: /dev/nvidia0 is held open by pid 1234 (nvidia-persiste) after "
+    "waiting 10 s; unbinding it now would hang in the nvidia driver until that process lets go: "
+    "run 'nvidia-smi -i 0000:01:00.0 -pm 0' (persistence off for this GPU) or stop "
+    "nvidia-persistenced"
+)
+
+
+def test_bind_dynamic_refuses_a_gpu_held_open_and_touches_nothing(tmp_path: Path, run: Any) -> None:
+    host = rtx_4090(tmp_path)
+    host.hold_gpu("0000:01:00.0", 1234, "nvidia-persistenced")
+    before = snapshot(tmp_path)
+    kernel = FakeKernel(host)
+    clock = FakeClock()
+    result = run(host, "bind", "--dynamic", "0000:01:00.0", kernel=kernel, clock=clock)
+    assert result.code == 1
+    assert result.err.splitlines() == [PERSISTENCED_REFUSAL]
+    assert result.out.splitlines() == [
+        "GPU 0000:01:00.0 10de:2684 NVIDIA GeForce RTX 4090: nvidia -> nvidia (failed)"
+    ]
+    assert kernel.writes == []
+    assert host.driver_of("0000:01:00.0") == "nvidia"
+    assert host.override_of("0000:01:00.0") == "(null)"
+    assert host.driver_of("0000:01:00.1") == "snd_hda_intel"
+    assert snapshot(tmp_path) == before
+    # Polled every 0.25 s for the default 10 s before giving up.
+    assert clock.slept == [0.25] * 40
+
+
+def test_bind_dynamic_rolls_back_the_first_gpu_when_the_second_is_held(
+    tmp_path: Path, run: Any
+) -> None:
+    host = intel_h100(tmp_path)
+    host.hold_gpu("0000:2b:00.0", 4321, "python3")
+    kernel = FakeKernel(host)
+    result = run(host, "--json", "bind", "--dynamic", kernel=kernel)
+    assert result.code == 1
+    message = (
+        "0000:2b:00.0: /dev/nvidia1 is held open by pid 4321 (python3) after waiting 10 s; "
+        "unbinding it now would hang in the nvidia driver until that process lets go: stop that "
+        "process, then try again"
+    )
+    assert result.err.splitlines() == [f"vfio-setup: {message}"]
+    assert host.driver_of("0000:18:00.0") == "nvidia"
+    assert host.override_of("0000:18:00.0") == "(null)"
+    assert not any(
+        "0000:2b:00.0" in path or value == "0000:2b:00.0" for path, value in kernel.writes
+    )
+    data = result.json()
+    assert (data["ok"], data["changed"], data["errors"]) == (False, False, [message])
+    first, second = data["devices"]
+    assert (first["bdf"], first["status"], first["driver_after"]) == (
+        "0000:18:00.0",
+        "rolled back",
+        "nvidia",
+    )
+    assert first["holder_check"]["state"] == "clear"
+    assert (second["bdf"], second["status"], second["driver_after"]) == (
+        "0000:2b:00.0",
+        "failed",
+        "nvidia",
+    )
+    assert second["message"] == message
+    assert second["holder_check"] == {
+        "state": "held",
+        "device_node": "/dev/nvidia1",
+        "holders": [{"pid": 4321, "comm": "python3"}],
+        "unavailable": None,
+    }
+
+
+def test_bind_dynamic_names_every_holder(tmp_path: Path, run: Any) -> None:
+    host = rtx_4090(tmp_path)
+    host.hold_gpu("0000:01:00.0", 1234, "nvidia-persistenced")
+    host.hold_gpu("0000:01:00.0", 80, "dcgm-exporter")
+    result = run(host, "--json", "bind", "--dynamic", "--holder-wait", "0", kernel=FakeKernel(host))
+    assert result.code == 1
+    lines = result.err.splitlines()
+    assert [line.split(";")[0] for line in lines] == [
+        "vfio-setup: 0000:01:00.0: /dev/nvidia0 is held open by pid 80 (dcgm-exporter)",
+        "vfio-setup: 0000:01:00.0: /dev/nvidia0 is held open by pid 1234 (nvidia-persiste)",
+    ]
+    assert lines[0].endswith(": stop that process, then try again")
+    assert lines[1].endswith("or stop nvidia-persistenced")
+    holders = result.json()["devices"][0]["holder_check"]["holders"]
+    assert holders == [
+        {"pid": 80, "comm": "dcgm-exporter"},
+        {"pid": 1234, "comm": "nvidia-persiste"},
+    ]
+
+
+@pytest.mark.parametrize("polls", [1, 3])
+def test_bind_dynamic_waits_for_a_holder_that_lets_go(tmp_path: Path, run: Any, polls: int) -> None:
+    host = rtx_4090(tmp_path)
+    host.hold_gpu("0000:01:00.0", 4242, "nvidia-smi")
+
+    def nvidia_smi_exits(sleeps: int) -> None:
+        if sleeps == polls:
+            host.end_process(4242)
+
+    clock = FakeClock(on_sleep=nvidia_smi_exits)
+    kernel = FakeKernel(host)
+    result = run(host, "--json", "bind", "--dynamic", kernel=kernel, clock=clock)
+    assert (result.code, result.err) == (0, "")
+    assert clock.slept == [0.25] * polls
+    assert host.driver_of("0000:01:00.0") == "vfio-pci"
+    assert host.driver_of("0000:01:00.1") == "vfio-pci"
+    gpu = result.json()["devices"][0]
+    assert gpu["status"] == "bound"
+    assert gpu["holder_check"]["state"] == "clear"
+
+
+def test_holder_wait_zero_checks_once(tmp_path: Path, run: Any) -> None:
+    host = rtx_4090(tmp_path)
+    host.hold_gpu("0000:01:00.0", 1234, "nvidia-persistenced")
+    clock = FakeClock()
+    kernel = FakeKernel(host)
+    result = run(host, "bind", "--dynamic", "--holder-wait", "0", kernel=kernel, clock=clock)
+    assert result.code == 1
+    assert result.err.splitlines() == [PERSISTENCED_REFUSAL.replace(" after waiting 10 s", "")]
+    assert clock.slept == []
+    assert kernel.writes == []
+    host.end_process(1234)
+    again = run(host, "bind", "--dynamic", "--holder-wait", "0", kernel=kernel, clock=clock)
+    assert (again.code, again.err) == (0, "")
+    assert clock.slept == []
+    assert host.driver_of("0000:01:00.0") == "vfio-pci"
+
+
+def test_holder_wait_ends_on_time(tmp_path: Path, run: Any) -> None:
+    host = rtx_4090(tmp_path)
+    host.hold_gpu("0000:01:00.0", 1234, "cuda-app")
+    clock = FakeClock()
+    result = run(
+        host, "bind", "--dynamic", "--holder-wait", "0.6", kernel=FakeKernel(host), clock=clock
+    )
+    assert result.code == 1
+    assert "held open by pid 1234 (cuda-app) after waiting 0.6 s;" in result.err
+    assert clock.slept == pytest.approx([0.25, 0.25, 0.1])
+
+
+@pytest.mark.parametrize(
+    ("information", "reason"),
+    [
+        (None, "cannot read {proc}/driver/nvidia/gpus/0000:01:00.0/information: No such file or "
+         "directory"),
+        ("Model: \t\t NVIDIA GeForce RTX 4090\nBus Location: \t 0000:01:00.0\n",
+         "no 'Device Minor' line in {proc}/driver/nvidia/gpus/0000:01:00.0/information"),
+    ],
+)  # fmt: skip
+def test_bind_dynamic_goes_on_when_holders_cannot_be_checked(
+    tmp_path: Path, run: Any, information: str | None, reason: str
+) -> None:
+    host = rtx_4090(tmp_path)
+
+    def lay_out_differently() -> None:
+        if information is None:
+            host.remove_nvidia_information("0000:01:00.0")
+        else:
+            host.nvidia_information("0000:01:00.0").write_text(information)
+
+    lay_out_differently()
+    reason = reason.format(proc=host.proc)
+    result = run(host, "bind", "--dynamic", kernel=FakeKernel(host))
+    assert (result.code, result.err) == (0, "")
+    assert result.out.splitlines()[0] == (
+        "GPU 0000:01:00.0 10de:2684 NVIDIA GeForce RTX 4090: nvidia -> vfio-pci (bound): could "
+        f"not check which processes hold it: {reason}"
+    )
+    assert host.driver_of("0000:01:00.0") == "vfio-pci"
+    host.hold_gpu("0000:01:00.0", 1, "init")  # unknowable without the minor: nothing changes
+    assert run(host, "unbind", "--dynamic", kernel=FakeKernel(host)).code == 0
+    lay_out_differently()  # the nvidia driver took it back and wrote its file again
+    data = run(host, "--json", "bind", "--dynamic", kernel=FakeKernel(host)).json()
+    assert data["ok"] is True
+    assert data["devices"][0]["holder_check"] == {
+        "state": "unchecked",
+        "device_node": None,
+        "holders": [],
+        "unavailable": reason,
+    }
+    assert data["devices"][0]["message"] == f"could not check which processes hold it: {reason}"
+
+
+def test_only_the_gpus_own_device_node_counts(tmp_path: Path, run: Any) -> None:
+    host = intel_h100(tmp_path)
+    assert host.nvidia_node("0000:2b:00.0") == "/dev/nvidia1"
+    # The other GPU, the driver's shared nodes, and names that merely start the same.
+    host.hold_gpu("0000:18:00.0", 500, "python3")
+    host.add_process(
+        501,
+        "Xorg",
+        (
+            "/dev/nvidiactl",
+            "/dev/nvidia-uvm",
+            "/dev/nvidia-uvm-tools",
+            "/dev/nvidia-modeset",
+            "/dev/nvidia10",
+            "/dev/nvidia-caps/nvidia-cap1",
+            "/tmp/dev/nvidia1",
+        ),
+    )
+    ended = host.add_process(502, "zombie", ["/dev/nvidia1"])
+    shutil.rmtree(ended / "fd")  # a process without an fd directory (exited, or a kernel thread)
+    kernel = FakeKernel(host)
+    result = run(host, "--json", "bind", "--dynamic", "0000:2b:00.0", kernel=kernel)
+    assert (result.code, result.err) == (0, "")
+    assert result.json()["devices"][0]["holder_check"] == {
+        "state": "clear",
+        "device_node": "/dev/nvidia1",
+        "holders": [],
+        "unavailable": None,
+    }
+    assert host.driver_of("0000:2b:00.0") == "vfio-pci"
+
+
+def test_companions_and_gpus_on_vfio_are_not_checked(tmp_path: Path, run: Any) -> None:
+    host = mixed(tmp_path)
+    host.hold_gpu("0000:81:00.0", 1234, "nvidia-persistenced")
+    result = run(host, "--json", "bind", "--dynamic", "0000:c1:00.0", kernel=FakeKernel(host))
+    assert result.code == 0
+    assert result.json()["devices"][0]["holder_check"] is None
+    rtx = rtx_4090(tmp_path / "rtx")
+    data = run(rtx, "--json", "bind", "--dynamic", kernel=FakeKernel(rtx)).json()
+    assert [d["holder_check"] is None for d in data["devices"]] == [False, True]
+
+
+def test_list_and_debug_show_who_holds_each_gpu(tmp_path: Path, run: Any) -> None:
+    host = intel_h100(tmp_path)
+    host.hold_gpu("0000:18:00.0", 1234, "nvidia-persistenced")
+    host.hold_gpu("0000:18:00.0", 99, "python3")
+    host.remove_nvidia_information("0000:2b:00.0")
+    held = "    /dev/nvidia0 held open by pid 99 (python3), pid 1234 (nvidia-persiste)"
+    unknown = (
+        f"    holders unknown: cannot read {host.proc}/driver/nvidia/gpus/0000:2b:00.0/"
+        "information: No such file or directory"
+    )
+    listed = run(host, "list")
+    assert listed.code == 0
+    assert listed.out.splitlines() == [
+        "GPU 0000:18:00.0 10de:2330 NVIDIA H100 80GB HBM3",
+        "    driver nvidia, IOMMU group 11",
+        held,
+        "GPU 0000:2b:00.0 10de:2330 NVIDIA H100 80GB HBM3",
+        "    driver nvidia, IOMMU group 21",
+        unknown,
+    ]
+    debug_lines = run(host, "debug").out.splitlines()
+    assert held in debug_lines
+    assert unknown in debug_lines
+    gpus = run(host, "--json", "debug").json()["list"]["gpus"]
+    assert gpus[0]["holder_check"]["holders"] == [
+        {"pid": 99, "comm": "python3"},
+        {"pid": 1234, "comm": "nvidia-persiste"},
+    ]
+    assert gpus[1]["holder_check"]["state"] == "unchecked"
+    assert run(host, "--json", "list").json()["gpus"] == gpus
+
+
+@pytest.mark.parametrize("value", ["-1", "600.5", "nan", "inf", "ten", ""])
+def test_a_bad_holder_wait_is_a_usage_error(tmp_path: Path, run: Any, value: str) -> None:
+    host = rtx_4090(tmp_path)
+    kernel = FakeKernel(host)
+    result = run(host, "bind", "--dynamic", "--holder-wait", value, kernel=kernel)
+    assert result.code == 2
+    (line,) = result.err.splitlines()
+    assert line == (
+        f"vfio-setup: error: argument --holder-wait: {value!r} is not a number of seconds from 0 "
+        "to 600 (see vfio-setup --help)"
+    )
+    assert kernel.writes == []
+
+
+def test_holder_wait_of_600_is_allowed(tmp_path: Path, run: Any) -> None:
+    host = rtx_4090(tmp_path)
+    result = run(host, "bind", "--dynamic", "--holder-wait", "600", kernel=FakeKernel(host))
+    assert result.code == 0
+
+
+# --------------------------------------------------------------------------------------------
 # unbind --dynamic
 
 
@@ -785,6 +1100,8 @@ def test_bind_static_ids_refuses_foreign_vendors(tmp_path: Path, run: Any) -> No
         ("bind", "0000:18:00.0"),
         ("bind", "--static", "--dynamic"),
         ("unbind", "--static", "0000:18:00.0"),
+        ("bind", "--static", "--holder-wait", "5"),
+        ("unbind", "--dynamic", "--holder-wait", "5"),
         ("verify", "--mode", "sometimes"),
         ("frobnicate",),
         (),
