@@ -79,6 +79,33 @@ def proof_length(index: int, leaf_count: int) -> int:
     return length
 
 
+def hash_rows(
+    context: bytes,
+    rows: npt.NDArray[np.generic] | Iterable[bytes | memoryview],
+    *,
+    threads: int = 1,
+) -> list[bytes]:
+    """The leaf hash of every row (a C-contiguous 2-D array or byte strings), in row order."""
+    if isinstance(rows, np.ndarray):
+        if rows.ndim != 2 or not rows.flags.c_contiguous:
+            raise MerkleError("rows must be a C-contiguous 2-D array")
+        data: list[bytes | memoryview] = [memoryview(rows[i]) for i in range(rows.shape[0])]
+    else:
+        data = list(rows)
+    if threads <= 1 or len(data) < 2 * threads:
+        return [leaf_hash(context, i, d) for i, d in enumerate(data)]
+    # hashlib drops the GIL for buffers over 2 KiB, so contiguous chunks hash in parallel.
+    step = -(-len(data) // threads)
+
+    def chunk(start: int) -> list[bytes]:
+        end = min(start + step, len(data))
+        return [leaf_hash(context, i, data[i]) for i in range(start, end)]
+
+    with ThreadPoolExecutor(max_workers=threads) as pool:
+        parts = list(pool.map(chunk, range(0, len(data), step)))
+    return [h for part in parts for h in part]
+
+
 class MerkleTree:
     """All levels of a tree, kept so a proof costs O(log n) lookups."""
 
@@ -110,24 +137,7 @@ class MerkleTree:
         threads: int = 1,
     ) -> MerkleTree:
         """Build the tree whose leaf i hashes row i (a C-contiguous 2-D array or byte strings)."""
-        if isinstance(rows, np.ndarray):
-            if rows.ndim != 2 or not rows.flags.c_contiguous:
-                raise MerkleError("rows must be a C-contiguous 2-D array")
-            data: list[bytes | memoryview] = [memoryview(rows[i]) for i in range(rows.shape[0])]
-        else:
-            data = list(rows)
-        if threads <= 1 or len(data) < 2 * threads:
-            return cls([leaf_hash(context, i, d) for i, d in enumerate(data)])
-        # hashlib drops the GIL for buffers over 2 KiB, so contiguous chunks hash in parallel.
-        step = -(-len(data) // threads)
-
-        def chunk(start: int) -> list[bytes]:
-            end = min(start + step, len(data))
-            return [leaf_hash(context, i, data[i]) for i in range(start, end)]
-
-        with ThreadPoolExecutor(max_workers=threads) as pool:
-            parts = list(pool.map(chunk, range(0, len(data), step)))
-        return cls([h for part in parts for h in part])
+        return cls(hash_rows(context, rows, threads=threads))
 
     @property
     def root(self) -> bytes:

@@ -136,8 +136,7 @@ def _gpu_devices(
             return exc
         try:
             return prover, prover.start()
-        except Exception as exc:  # one bad GPU must not hide the others
-            prover.stop()
+        except Exception as exc:  # one bad GPU must not hide the others (start cleaned up)
             return exc
 
     with ThreadPoolExecutor(max_workers=len(gpus), thread_name_prefix="prover-start") as pool:

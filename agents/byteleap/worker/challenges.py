@@ -140,13 +140,11 @@ class ChallengeRunner:
         """End the provers that hold these devices (in their executors, after queued work)."""
         loop = asyncio.get_running_loop()
         stopping: dict[str, asyncio.Future[None]] = {}
-        for uuid in sorted(uuids):
-            backend = self._devices[uuid].backend
-            if isinstance(backend, HeldDevice):
-                try:
-                    stopping[uuid] = loop.run_in_executor(self._executors[uuid], backend.stop)
-                except RuntimeError:  # closed runner: close() stopped it already
-                    continue
+        for uuid, holder in self._holders(uuids):
+            try:
+                stopping[uuid] = loop.run_in_executor(self._executors[uuid], holder.stop)
+            except RuntimeError:  # closed runner: close() stopped it already
+                continue
         outcomes = await asyncio.gather(*stopping.values(), return_exceptions=True)
         for uuid, outcome in zip(stopping, outcomes, strict=True):
             if isinstance(outcome, BaseException):
@@ -161,13 +159,19 @@ class ChallengeRunner:
         """
         back = self._leased & set(uuids)
         self._leased -= back
-        for uuid in sorted(back):
-            backend = self._devices[uuid].backend
-            if isinstance(backend, HeldDevice):
-                with contextlib.suppress(RuntimeError):  # a closed runner starts nothing
-                    self._executors[uuid].submit(_warm_up, uuid, backend)
+        for uuid, holder in self._holders(back):
+            with contextlib.suppress(RuntimeError):  # a closed runner starts nothing
+                self._executors[uuid].submit(_warm_up, uuid, holder)
         if back:
             log.info("device(s) %s back on challenge duty", ", ".join(sorted(back)))
+
+    def _holders(self, uuids: Iterable[str]) -> list[tuple[str, HeldDevice]]:
+        """The devices among ``uuids`` whose backend holds its device while it runs."""
+        return [
+            (uuid, backend)
+            for uuid in sorted(uuids)
+            if isinstance(backend := self._devices[uuid].backend, HeldDevice)
+        ]
 
     async def _drain(self, uuids: set[str]) -> None:
         """Wait for what the devices' executors were given so far (each is one thread, FIFO)."""
@@ -350,10 +354,9 @@ class ChallengeRunner:
         (without waiting here; a prover also exits by itself when its worker does)."""
         for cid in list(self._held):
             self.release(cid)
-        for uuid, executor in self._executors.items():
-            backend = self._devices[uuid].backend
-            if isinstance(backend, HeldDevice):
-                executor.submit(backend.stop)
+        for uuid, holder in self._holders(self._executors):
+            self._executors[uuid].submit(holder.stop)
+        for executor in self._executors.values():
             executor.shutdown(wait=False)
 
 

@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from ..merkle import MerkleTree, leaf_hash
+from ..merkle import leaf_hash
 from . import prf
 from .spec import ChallengeError, ChallengeSpec
 
@@ -195,7 +195,7 @@ class CupyBackend:
             self._fill_u16(grid, block, (*common, np.int32(spec.precision == "bf16"), out))
         return out
 
-    def compute(self, spec: ChallengeSpec, threads: int) -> tuple[_DeviceMatrix, MerkleTree]:
+    def compute(self, spec: ChallengeSpec, threads: int) -> tuple[_DeviceMatrix, list[bytes]]:
         cp = _cupy()
         n = spec.n
         with cp.cuda.Device(self._device):
@@ -204,9 +204,9 @@ class CupyBackend:
             c = cp.empty((n, n), dtype=cp.float32)
             self._gemm(spec, a, b_t, c)
             del a, b_t
-            tree = self._hash_rows(spec, c, threads)
+            leaves = self._hash_rows(spec, c, threads)
             cp.cuda.get_current_stream().synchronize()
-        return _DeviceMatrix(c, self._device), tree
+        return _DeviceMatrix(c, self._device), leaves
 
     def _gemm(self, spec: ChallengeSpec, a: Any, b_t: Any, c: Any) -> None:
         """Row-major C = A @ B_t.T as column-major C^T = op_T(B_t^T) @ A^T."""
@@ -247,7 +247,7 @@ class CupyBackend:
             _CUBLAS_GEMM_DEFAULT,
         )
 
-    def _hash_rows(self, spec: ChallengeSpec, c: Any, threads: int) -> MerkleTree:
+    def _hash_rows(self, spec: ChallengeSpec, c: Any, threads: int) -> list[bytes]:
         from concurrent.futures import ThreadPoolExecutor
 
         n = spec.n
@@ -266,4 +266,4 @@ class CupyBackend:
                         chunksize=64,
                     )
                 )
-        return MerkleTree(leaves)
+        return leaves

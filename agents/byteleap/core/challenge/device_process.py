@@ -12,8 +12,8 @@ the child: the worker and its other GPUs carry on.
 
 The parent and child speak length-prefixed msgpack frames over the child's stdin and stdout
 (typed messages below); the child's own stdout is its stderr, so nothing a library prints can
-corrupt a frame. The result C stays in the child's VRAM: the parent holds the Merkle tree (built
-from the row hashes the child sends) and asks for rows when phase 2 reveals them. Row reads and
+corrupt a frame. The result C stays in the child's VRAM: the parent builds the Merkle tree
+from the row hashes the child sends and asks for rows when phase 2 reveals them. Row reads and
 releases are served beside a running computation, never queued behind it.
 
 Run as ``python -m byteleap.core.challenge.device_process --backend cupy`` by the parent only.
@@ -37,7 +37,7 @@ from typing import IO, Any, Final, Literal, NoReturn
 
 import msgspec
 
-from ..merkle import HASH_SIZE, MerkleTree
+from ..merkle import HASH_SIZE
 from .prover import NumpyBackend, ResultMatrix
 from .spec import ChallengeError, ChallengeSpec
 
@@ -222,7 +222,6 @@ class DeviceProcess:
         self._lock = threading.RLock()
         """Guards the child's lifecycle: starting, stopping and the current generation."""
         self._child: _Child | None = None
-        self._generation = 0
         self._ready: Ready | None = None
 
     # ---- lifecycle
@@ -234,12 +233,6 @@ class DeviceProcess:
             child = self._child
             return child.process.pid if child is not None and child.alive else None
 
-    @property
-    def ready(self) -> Ready | None:
-        """What the running child reported when it started."""
-        with self._lock:
-            return self._ready if self._child is not None and self._child.alive else None
-
     def start(self) -> Ready:
         """Start the child unless it runs; returns its :class:`Ready` report."""
         with self._lock:
@@ -249,8 +242,7 @@ class DeviceProcess:
             if child is not None:
                 child.kill()
                 self._child = None
-            self._generation += 1
-            child = _Child.spawn(self, self._generation)
+            child = _Child.spawn(self)
             try:
                 ready = child.wait_ready(self._start_timeout)
             except BaseException:
@@ -289,7 +281,7 @@ class DeviceProcess:
 
     # ---- Backend
 
-    def compute(self, spec: ChallengeSpec, threads: int) -> tuple[ResultMatrix, MerkleTree]:
+    def compute(self, spec: ChallengeSpec, threads: int) -> tuple[ResultMatrix, list[bytes]]:
         self.start()
         child = self._current()
         reply = child.call(
@@ -303,8 +295,8 @@ class DeviceProcess:
             raise ProverProcessError(
                 f"prover sent {len(leaves)} bytes of row hashes for n={spec.n}: killed it"
             )
-        tree = MerkleTree([leaves[i : i + HASH_SIZE] for i in range(0, len(leaves), HASH_SIZE)])
-        return _RemoteMatrix(self, child, spec.challenge_id, spec.n), tree
+        hashes = [leaves[i : i + HASH_SIZE] for i in range(0, len(leaves), HASH_SIZE)]
+        return _RemoteMatrix(child, spec.challenge_id, spec.n), hashes
 
     def _current(self) -> _Child:
         with self._lock:
@@ -313,55 +305,48 @@ class DeviceProcess:
             raise ProverProcessError(f"the {self.name} prover for {self.device} is not running")
         return child
 
-    def _read_row(self, child: _Child, challenge_id: bytes, index: int, n: int) -> bytes:
-        if not child.alive or self._child is not child:
-            raise ChallengeError(
-                "challenge result was lost: its prover process ended (the device was released "
-                "or the process failed)"
-            )
-        reply = child.call(
-            lambda call: ReadRow(call=call, challenge_id=challenge_id, index=index),
-            self._read_timeout,
-        )
-        if not isinstance(reply, RowData) or len(reply.values) != 4 * n:
-            child.kill()
-            raise ProverProcessError("prover sent a malformed row: killed it")
-        return reply.values
-
-    @staticmethod
-    def _release(child: _Child, challenge_id: bytes) -> None:
-        if not child.alive:
-            return  # its memory went with the process
-        try:
-            child.call(lambda call: Release(call=call, challenge_id=challenge_id), 60.0)
-        except (ProverProcessError, ChallengeError) as exc:
-            log.debug("releasing %s in the prover: %s", challenge_id.hex(), exc)
-
 
 class _RemoteMatrix:
-    """C in a prover process's memory."""
+    """C in a prover process's memory; gone with that process."""
 
-    def __init__(self, owner: DeviceProcess, child: _Child, challenge_id: bytes, n: int) -> None:
-        self._owner = owner
+    def __init__(self, child: _Child, challenge_id: bytes, n: int) -> None:
         self._child = child
         self._challenge_id = challenge_id
         self._n = n
 
     def row_bytes(self, index: int) -> bytes:
-        return self._owner._read_row(self._child, self._challenge_id, index, self._n)
+        child = self._child
+        if not child.alive:
+            raise ChallengeError(
+                "challenge result was lost: its prover process ended (the device was released "
+                "or the process failed)"
+            )
+        reply = child.call(
+            lambda call: ReadRow(call=call, challenge_id=self._challenge_id, index=index),
+            child.owner._read_timeout,
+        )
+        if not isinstance(reply, RowData) or len(reply.values) != 4 * self._n:
+            child.kill()
+            raise ProverProcessError("prover sent a malformed row: killed it")
+        return reply.values
 
     def release(self) -> None:
-        self._owner._release(self._child, self._challenge_id)
+        if not self._child.alive:
+            return  # its memory went with the process
+        try:
+            self._child.call(
+                lambda call: Release(call=call, challenge_id=self._challenge_id),
+                self._child.owner._read_timeout,
+            )
+        except (ProverProcessError, ChallengeError) as exc:
+            log.debug("releasing %s in the prover: %s", self._challenge_id.hex(), exc)
 
 
 class _Child:
     """One prover process: its pipes, the calls waiting for replies and the thread reading them."""
 
-    def __init__(
-        self, owner: DeviceProcess, generation: int, process: subprocess.Popen[bytes]
-    ) -> None:
+    def __init__(self, owner: DeviceProcess, process: subprocess.Popen[bytes]) -> None:
         self.owner = owner
-        self.generation = generation
         self.process = process
         self._send_lock = threading.Lock()
         self._pending: dict[int, Future[Reply]] = {}
@@ -372,12 +357,12 @@ class _Child:
         """Why the child is gone (set once, by the reader or by kill/stop)."""
         self._reader = threading.Thread(
             target=self._read_replies,
-            name=f"prover-reader-{owner.device}-{generation}",
+            name=f"prover-reader-{owner.device}-{process.pid}",
             daemon=True,
         )
 
     @classmethod
-    def spawn(cls, owner: DeviceProcess, generation: int) -> _Child:
+    def spawn(cls, owner: DeviceProcess) -> _Child:
         try:
             process = subprocess.Popen(  # noqa: S603 - our own interpreter and module, no shell
                 owner._command(),
@@ -388,7 +373,7 @@ class _Child:
             )
         except OSError as exc:
             raise ProverProcessError(f"cannot start the prover process: {exc}") from exc
-        child = cls(owner, generation, process)
+        child = cls(owner, process)
         child._reader.start()
         return child
 
@@ -598,11 +583,10 @@ class _Prover:
         with self._held_lock:
             if spec.challenge_id in self._held:
                 raise ChallengeError("challenge id already held by this prover")
-        result, tree = self._backend.compute(spec, max(1, request.threads))
+        result, leaves = self._backend.compute(spec, max(1, request.threads))
         with self._held_lock:
             self._held[spec.challenge_id] = result
-        leaves = b"".join(tree.leaf(i) for i in range(tree.leaf_count))
-        return Computed(call=request.call, leaves=leaves)
+        return Computed(call=request.call, leaves=b"".join(leaves))
 
     def _row(self, request: ReadRow) -> RowData:
         with self._held_lock:
