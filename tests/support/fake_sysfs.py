@@ -258,17 +258,6 @@ class FakeHost:
         self.load_module("vfio_iommu_type1")
         self.add_driver("vfio-pci")
 
-    def unload_driver(self, name: str) -> None:
-        """A module that is not loaded: no driver directory (nothing bound to it may remain)."""
-        directory = self.sys / "bus/pci/drivers" / name
-        for entry in directory.iterdir():
-            entry.unlink()
-        directory.rmdir()
-        module = DRIVER_MODULES.get(name, name.replace("-", "_"))
-        if module is not None:
-            (self.sys / "module" / module / "parameters").rmdir()
-            (self.sys / "module" / module).rmdir()
-
     # ---- devices
 
     def add_device(
@@ -401,8 +390,6 @@ class FakeKernel:
                 self.host.set_override(bdf, value.strip() or None)
             case ["bus", "pci", "drivers", driver, "unbind"]:
                 self._unbind(driver, value.strip())
-            case ["bus", "pci", "drivers", driver, "bind"]:
-                self._bind(driver, value.strip())
             case ["bus", "pci", "drivers_probe"]:
                 self._probe(value.strip())
             case _:
@@ -424,12 +411,6 @@ class FakeKernel:
 
     def _loaded(self, driver: str) -> bool:
         return (self.host.sys / "bus/pci/drivers" / driver).is_dir()
-
-    def _bind(self, driver: str, bdf: str) -> None:
-        self._device(bdf)
-        if self.host.driver_of(bdf) is not None:
-            raise OSError(errno.EBUSY, os.strerror(errno.EBUSY))
-        self.host.bind(bdf, driver)
 
     def _probe(self, bdf: str) -> None:
         device = self._device(bdf)

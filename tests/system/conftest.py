@@ -1,4 +1,4 @@
-"""Fixtures shared by the system tests that install the packages."""
+"""Fixtures shared by the system tests that boot the cached root or install the packages."""
 
 from __future__ import annotations
 
@@ -8,7 +8,18 @@ from pathlib import Path
 
 import pytest
 
+from .image import ensure_image, missing_tools
 from .units import DEBS_DIR, REPO
+
+
+@pytest.fixture(scope="session")
+def image() -> Path:
+    """The cached Debian 12 root (image.py), built first if absent."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root (debootstrap, systemd-nspawn)")
+    if missing := missing_tools():
+        pytest.skip(f"missing {', '.join(missing)} (apt-get install debootstrap systemd-container)")
+    return ensure_image()
 
 
 @pytest.fixture(scope="session")

@@ -89,6 +89,14 @@ class BootedContainer:
             stdin=content,
         )
 
+    def use_apt_repository(self, directory: str) -> None:
+        """apt takes packages only from the flat repository at ``directory`` inside (no mirror)."""
+        self.write_file("/etc/apt/sources.list", "")
+        self.write_file(
+            "/etc/apt/sources.list.d/byteleap.list", f"deb [trusted=yes] file:{directory} ./\n"
+        )
+        self.run("apt-get", "update")
+
 
 def _children(pid: int) -> list[int]:
     children: list[int] = []
@@ -160,6 +168,12 @@ def _remove_cgroups(cgroups: Sequence[Path]) -> None:
             cgroup.rmdir()
 
 
+def _kill(nspawn: subprocess.Popen[bytes]) -> None:
+    if nspawn.poll() is None:
+        nspawn.send_signal(signal.SIGKILL)
+        nspawn.wait(timeout=30)
+
+
 def _poweroff(container: BootedContainer) -> None:
     nspawn = container.nspawn
     if nspawn.poll() is None:
@@ -167,8 +181,7 @@ def _poweroff(container: BootedContainer) -> None:
         try:
             nspawn.wait(timeout=POWEROFF_TIMEOUT_S)
         except subprocess.TimeoutExpired:
-            nspawn.send_signal(signal.SIGKILL)
-            nspawn.wait(timeout=30)
+            _kill(nspawn)
 
 
 def _nspawn_args(
@@ -211,6 +224,32 @@ def _spawn(nspawn_args: list[str], cgroups: Sequence[Path], log: Path) -> subpro
         )
 
 
+def _boot(
+    root: Path,
+    machine: str,
+    log: Path,
+    *,
+    binds: Sequence[tuple[Path, str]],
+    binds_rw: Sequence[tuple[Path, str]] = (),
+    private_network: bool = True,
+) -> tuple[BootedContainer, list[Path]]:
+    """A container booted to ``running`` and its host cgroups. One that does not get there is
+    killed (its root is a throw-away overlay) and its cgroups removed."""
+    cgroups = _make_cgroups(f"byteleap-{machine}")
+    args = _nspawn_args(
+        root, machine, binds=binds, binds_rw=binds_rw, private_network=private_network
+    )
+    nspawn = _spawn(args, cgroups, log)
+    try:
+        container = BootedContainer(nspawn, _wait_for_leader(nspawn, log), log)
+        _wait_until_running(container)
+    except BaseException:
+        _kill(nspawn)
+        _remove_cgroups(cgroups)
+        raise
+    return container, cgroups
+
+
 @contextlib.contextmanager
 def booted(
     root: Path, machine: str, log: Path, *, binds: Sequence[tuple[Path, str]] = ()
@@ -219,20 +258,11 @@ def booted(
 
     ``binds``: host paths mounted read-only at the given paths inside.
     """
-    cgroups = _make_cgroups(f"byteleap-{machine}")
-    nspawn_args = _nspawn_args(root, machine, binds=binds, binds_rw=(), private_network=True)
-    nspawn = _spawn(nspawn_args, cgroups, log)
-    container: BootedContainer | None = None
+    container, cgroups = _boot(root, machine, log, binds=binds)
     try:
-        container = BootedContainer(nspawn, _wait_for_leader(nspawn, log), log)
-        _wait_until_running(container)
         yield container
     finally:
-        if container is not None:
-            _poweroff(container)
-        elif nspawn.poll() is None:
-            nspawn.send_signal(signal.SIGKILL)
-            nspawn.wait(timeout=30)
+        _poweroff(container)
         _remove_cgroups(cgroups)
 
 
@@ -276,25 +306,16 @@ def start_detached(
     ``binds_rw``: host paths mounted read-write. ``private_network=False`` shares the host's
     network (apt inside reaches the mirror like a real host).
     """
-    cgroups = _make_cgroups(f"byteleap-{machine}")
-    args = _nspawn_args(
-        root, machine, binds=binds, binds_rw=binds_rw, private_network=private_network
+    container, cgroups = _boot(
+        root, machine, log, binds=binds, binds_rw=binds_rw, private_network=private_network
     )
-    nspawn = _spawn(args, cgroups, log)
-    try:
-        container = BootedContainer(nspawn, _wait_for_leader(nspawn, log), log)
-        _wait_until_running(container)
-        start = _start_ticks(nspawn.pid)
-        if start is None:
-            raise ContainerError(f"systemd-nspawn exited right after booting:\n{_tail(log)}")
-    except BaseException:
-        if nspawn.poll() is None:
-            nspawn.send_signal(signal.SIGKILL)
-            nspawn.wait(timeout=30)
+    start = _start_ticks(container.nspawn.pid)
+    if start is None:
+        _kill(container.nspawn)
         _remove_cgroups(cgroups)
-        raise
+        raise ContainerError(f"systemd-nspawn exited right after booting:\n{_tail(log)}")
     return Detached(
-        nspawn_pid=nspawn.pid,
+        nspawn_pid=container.nspawn.pid,
         nspawn_start_ticks=start,
         leader=container.leader,
         cgroups=tuple(str(c) for c in cgroups),

@@ -9,6 +9,9 @@ and at each other on loopback. The enrollment secrets are the packages' own (pos
 ``weights`` prints the weights on the devnet chain as JSON: ``{validator uid: {uid: u16}}``.
 ``uids`` prints ``{"validator": uid, "miner": uid}``.
 
+The Ansible scenario (ansible/molecule/default/devnet_chain.py) makes the same devnet with
+:func:`create_chain`, :func:`keyfile` and :func:`agent_settings`.
+
 The miner and validator write the chain file (endpoint, weights) from their own users and
 ``PrivateUsers=yes`` sandboxes, so the file and its directory are open to every user: this is a
 test chain on a throw-away container, never a pattern for real key material.
@@ -55,52 +58,42 @@ def _yaml(path: Path, data: dict[str, Any]) -> None:
     _write(path, yaml.safe_dump(data, sort_keys=False))
 
 
-def _keyfile(uri: str) -> bytes:
+def keyfile(uri: str) -> bytes:
+    """The dev hotkey of ``uri`` as a bittensor keyfile."""
     keypair = bittensor_core.Keypair.create_from_uri(uri, crypto_type=1)
     return bytes(bittensor_core.serialized_keypair_to_keyfile_data(keypair))
 
 
-def configure() -> None:
-    CHAIN_DIR.mkdir(exist_ok=True)
-    CHAIN_DIR.chmod(0o777)
+def create_chain(path: Path, *, overwrite: bool = False) -> dict[str, str]:
+    """A DevnetChain file at ``path`` with the validator (stake, permit) and the miner
+    registered; their hotkeys' ss58 addresses by agent."""
     chain = DevnetChain.create(
-        CHAIN,
+        path,
         netuid=NETUID,
         block_time=BLOCK_TIME_S,
         weights_rate_limit=WEIGHTS_RATE_LIMIT_BLOCKS,
+        overwrite=overwrite,
     )
-    CHAIN.chmod(0o666)
     hotkeys = {agent: HotkeySigner.from_uri(uri).ss58_address for agent, uri in URIS.items()}
     chain.register(
         NETUID, hotkeys["validator"], stake_rao=VALIDATOR_STAKE_RAO, validator_permit=True
     )
     chain.register(NETUID, hotkeys["miner"])
+    return hotkeys
 
+
+def agent_settings(miner_port: int, validator_port: int) -> dict[str, dict[str, Any]]:
+    """Each agent's devnet settings: the chain at CHAIN, loopback ports, short rounds and
+    heartbeats (the worker's miner URL and hotkey are the caller's)."""
     chain_section = {
         "network": "devnet",
         "devnet_path": str(CHAIN),
         "netuid": NETUID,
         "snapshot_refresh_s": 2.0,
     }
-    for agent, uri in URIS.items():
-        key = ETC / "keys" / f"{agent}-hotkey"
-        key.parent.mkdir(mode=0o700, exist_ok=True)
-        key.write_bytes(_keyfile(uri))
-        key.chmod(0o600)
-        _write(
-            UNIT_DIR / f"byteleap-{agent}.service.d" / "devnet.conf",
-            f"[Service]\nLoadCredential=hotkey:{key}\nReadWritePaths={CHAIN_DIR}\n",
-        )
-
-    _yaml(
-        ETC / "validator.yaml",
-        {
-            "state_dir": "/var/lib/byteleap/validator",
-            "listen": {
-                "host": "127.0.0.1",
-                "port": VALIDATOR_PORT,
-                "public_ip": "127.0.0.1",
-            },
+    return {
+        "validator": {
+            "listen": {"host": "127.0.0.1", "port": validator_port, "public_ip": "127.0.0.1"},
             "chain": chain_section,
             "rounds": {
                 "interval_s": float(PLAN.round_interval_s),
@@ -111,28 +104,53 @@ def configure() -> None:
             "scoring": PLAN.scoring(),
             "weights": {"interval_s": 0.0},
         },
-    )
-    _yaml(
-        ETC / "miner.yaml",
-        {
-            "state_dir": "/var/lib/byteleap/miner",
-            "workers": {"host": "127.0.0.1", "port": MINER_PORT},
+        "miner": {
+            "workers": {"host": "127.0.0.1", "port": miner_port},
             "policy": {"heartbeat_interval_s": 1.0, "heartbeat_timeout_s": 10.0},
             "chain": chain_section,
         },
-    )
+        "worker": {
+            "miner": {"reconnect_initial_s": 0.5, "reconnect_max_s": 2.0},
+            "heartbeat_interval_s": 1.0,
+            "challenge": {"backend": "numpy"},
+        },
+    }
+
+
+def configure() -> None:
+    CHAIN_DIR.mkdir(exist_ok=True)
+    CHAIN_DIR.chmod(0o777)
+    hotkeys = create_chain(CHAIN)
+    CHAIN.chmod(0o666)
+
+    for agent, uri in URIS.items():
+        key = ETC / "keys" / f"{agent}-hotkey"
+        key.parent.mkdir(mode=0o700, exist_ok=True)
+        key.write_bytes(keyfile(uri))
+        key.chmod(0o600)
+        _write(
+            UNIT_DIR / f"byteleap-{agent}.service.d" / "devnet.conf",
+            f"[Service]\nLoadCredential=hotkey:{key}\nReadWritePaths={CHAIN_DIR}\n",
+        )
+
+    settings = agent_settings(MINER_PORT, VALIDATOR_PORT)
+    for agent in ("validator", "miner"):
+        _yaml(
+            ETC / f"{agent}.yaml",
+            {"state_dir": f"/var/lib/byteleap/{agent}", **settings[agent]},
+        )
+    worker = settings["worker"]
+    miner = {
+        "url": f"ws://127.0.0.1:{MINER_PORT}/worker",
+        "hotkey": hotkeys["miner"],
+        **worker["miner"],
+    }
     _yaml(
         ETC / "worker.yaml",
         {
             "state_dir": "/var/lib/byteleap/worker",
-            "miner": {
-                "url": f"ws://127.0.0.1:{MINER_PORT}/worker",
-                "hotkey": hotkeys["miner"],
-                "reconnect_initial_s": 0.5,
-                "reconnect_max_s": 2.0,
-            },
-            "heartbeat_interval_s": 1.0,
-            "challenge": {"backend": "numpy"},
+            **worker,
+            "miner": miner,
             "gpu": {"mode": "host"},
         },
     )

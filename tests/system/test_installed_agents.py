@@ -23,7 +23,6 @@ from typing import TypeVar
 import pytest
 
 from .container import BootedContainer, booted
-from .image import ensure_image, missing_tools
 from .units import AGENTS, APT_ENV, REPO_INSIDE, SYSTEMD_DIR, VENV_BIN, AgentUnit
 
 pytestmark = pytest.mark.system
@@ -63,19 +62,14 @@ def eventually(
 
 
 @pytest.fixture(scope="module")
-def container(debs: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[BootedContainer]:
-    if missing := missing_tools():
-        pytest.skip(f"missing {', '.join(missing)} (apt-get install debootstrap systemd-container)")
-    root = ensure_image()
+def container(
+    debs: Path, image: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[BootedContainer]:
     log = tmp_path_factory.mktemp("container") / "console.log"
     binds = ((debs, REPO_INSIDE), (Path(__file__).with_name("devnet_inside.py"), SCRIPT_INSIDE))
-    with booted(root, f"byteleap-agents-{os.getpid()}", log, binds=binds) as booted_container:
+    with booted(image, f"byteleap-agents-{os.getpid()}", log, binds=binds) as booted_container:
         # The local repository only: the test must not depend on (or reach) a Debian mirror.
-        booted_container.write_file("/etc/apt/sources.list", "")
-        booted_container.write_file(
-            "/etc/apt/sources.list.d/byteleap.list", f"deb [trusted=yes] file:{REPO_INSIDE} ./\n"
-        )
-        booted_container.run("apt-get", "update")
+        booted_container.use_apt_repository(REPO_INSIDE)
         booted_container.run(
             "apt-get", "install", "-y", "--no-install-recommends", *PACKAGES, env=APT_ENV
         )
@@ -90,9 +84,7 @@ def container(debs: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[
 
 
 def _active(container: BootedContainer, unit: str) -> bool:
-    return container.output("systemctl", "show", unit, "--property=ActiveState") == (
-        "ActiveState=active"
-    )
+    return container.show(unit, "ActiveState")["ActiveState"] == "active"
 
 
 def _status_matching(container: BootedContainer, agent: AgentUnit) -> str | None:

@@ -7,12 +7,11 @@ while the rules are read. A deliberately broken copy proves the check can fail.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
 
-from .image import ensure_image, missing_tools, run_in_image
+from .image import run_in_image
 from .units import SYSTEMD_DIR, UDEV_DIR
 
 pytestmark = pytest.mark.system
@@ -25,15 +24,6 @@ UDEVADM_TEST = (
     "systemd-sysusers /usr/lib/sysusers.d/byteleap-worker.conf"
     " && udevadm test /sys/devices/virtual/mem/null"
 )
-
-
-@pytest.fixture(scope="module")
-def image() -> Path:
-    if os.geteuid() != 0:
-        pytest.skip("needs root (debootstrap, systemd-nspawn)")
-    if missing := missing_tools():
-        pytest.skip(f"missing {', '.join(missing)} (apt-get install debootstrap systemd-container)")
-    return ensure_image()
 
 
 def _udevadm_test(image: Path, rules: Path) -> str:

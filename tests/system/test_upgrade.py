@@ -18,7 +18,6 @@ from pathlib import Path
 import pytest
 
 from .container import BootedContainer, booted
-from .image import ensure_image, missing_tools
 from .units import AGENTS, APT_ENV, REPO_INSIDE
 
 pytestmark = pytest.mark.system
@@ -72,19 +71,13 @@ def two_versions(debs: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[
 
 @pytest.fixture(scope="module")
 def container(
-    two_versions: tuple[Path, str], tmp_path_factory: pytest.TempPathFactory
+    two_versions: tuple[Path, str], image: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[BootedContainer]:
-    if missing := missing_tools():
-        pytest.skip(f"missing {', '.join(missing)} (apt-get install debootstrap systemd-container)")
     repo, _ = two_versions
     log = tmp_path_factory.mktemp("upgrade-container") / "console.log"
     name = f"byteleap-upgrade-{os.getpid()}"
-    with booted(ensure_image(), name, log, binds=((repo, REPO_INSIDE),)) as booted_container:
-        booted_container.write_file("/etc/apt/sources.list", "")
-        booted_container.write_file(
-            "/etc/apt/sources.list.d/byteleap.list", f"deb [trusted=yes] file:{REPO_INSIDE} ./\n"
-        )
-        booted_container.run("apt-get", "update")
+    with booted(image, name, log, binds=((repo, REPO_INSIDE),)) as booted_container:
+        booted_container.use_apt_repository(REPO_INSIDE)
         yield booted_container
 
 

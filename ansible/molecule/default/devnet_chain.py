@@ -11,15 +11,14 @@ one-host deployment on a devnet chain:
 - ``devnet.json``: the agents' config overrides (devnet chain, loopback ports, short rounds)
   and the miner's URL, read by the scenario's inventory.
 
-The hotkeys, chain constants and round plan are the system tests' (tests/system/devnet_inside.py)
-so both deployments run the same devnet. Ports differ from theirs: this container shares the
-host's network, so they are picked away from the agents' defaults.
+The chain, hotkeys and agent settings are the system tests' (tests/system/devnet_inside.py) so
+both deployments run the same devnet. Ports differ from theirs: this container shares the host's
+network, so they are picked away from the agents' defaults.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import secrets
 import sys
 from pathlib import Path
@@ -27,78 +26,31 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[3]
 sys.path.insert(0, str(REPO))
 
-from tests.system.devnet_inside import CHAIN, PLAN, URIS, _keyfile  # noqa: E402
-
-from byteleap.chain.devnet import DevnetChain  # noqa: E402
-from byteleap.core.identity import HotkeySigner  # noqa: E402
-from byteleap.devnet.network import (  # noqa: E402
-    BLOCK_TIME_S,
-    NETUID,
-    VALIDATOR_STAKE_RAO,
-    WEIGHTS_RATE_LIMIT_BLOCKS,
+from tests.system.devnet_inside import (  # noqa: E402
+    CHAIN,
+    URIS,
+    agent_settings,
+    create_chain,
+    keyfile,
 )
+
+from byteleap.core.files import replace_private_file  # noqa: E402
 
 MINER_PORT = 27799
 VALIDATOR_PORT = 27800
 
 
-def _private(path: Path, data: bytes) -> None:
-    path.unlink(missing_ok=True)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "wb") as out:
-        out.write(data)
-
-
 def make(out: Path) -> dict[str, object]:
     out.mkdir(parents=True, exist_ok=True)
-    chain = DevnetChain.create(
-        out / "chain.db",
-        netuid=NETUID,
-        block_time=BLOCK_TIME_S,
-        weights_rate_limit=WEIGHTS_RATE_LIMIT_BLOCKS,
-        overwrite=True,
-    )
-    hotkeys = {agent: HotkeySigner.from_uri(uri).ss58_address for agent, uri in URIS.items()}
-    chain.register(
-        NETUID, hotkeys["validator"], stake_rao=VALIDATOR_STAKE_RAO, validator_permit=True
-    )
-    chain.register(NETUID, hotkeys["miner"])
+    hotkeys = create_chain(out / "chain.db", overwrite=True)
     for agent, uri in URIS.items():
-        _private(out / f"{agent}-hotkey", _keyfile(uri))
-    _private(out / "enrollment.secret", f"{secrets.token_hex(32)}\n".encode())
-
-    chain_section = {
-        "network": "devnet",
-        "devnet_path": str(CHAIN),
-        "netuid": NETUID,
-        "snapshot_refresh_s": 2.0,
-    }
+        replace_private_file(out / f"{agent}-hotkey", keyfile(uri))
+    replace_private_file(out / "enrollment.secret", f"{secrets.token_hex(32)}\n".encode())
     devnet = {
         "chain_path": str(CHAIN),
         "hotkeys": hotkeys,
         "miner_url": f"ws://127.0.0.1:{MINER_PORT}/worker",
-        "validator": {
-            "listen": {"host": "127.0.0.1", "port": VALIDATOR_PORT, "public_ip": "127.0.0.1"},
-            "chain": chain_section,
-            "rounds": {
-                "interval_s": float(PLAN.round_interval_s),
-                "cpu_n": PLAN.n,
-                "commit_deadline_s": 30.0,
-                "reveal_deadline_s": 30.0,
-            },
-            "scoring": PLAN.scoring(),
-            "weights": {"interval_s": 0.0},
-        },
-        "miner": {
-            "workers": {"host": "127.0.0.1", "port": MINER_PORT},
-            "policy": {"heartbeat_interval_s": 1.0, "heartbeat_timeout_s": 10.0},
-            "chain": chain_section,
-        },
-        "worker": {
-            "miner": {"reconnect_initial_s": 0.5, "reconnect_max_s": 2.0},
-            "heartbeat_interval_s": 1.0,
-            "challenge": {"backend": "numpy"},
-        },
+        **agent_settings(MINER_PORT, VALIDATOR_PORT),
     }
     (out / "devnet.json").write_text(json.dumps(devnet, indent=2) + "\n")
     return {"changed": True, "hotkeys": hotkeys}

@@ -102,8 +102,9 @@ class FakeClock:
 
 @pytest.fixture
 def run(capsys: pytest.CaptureFixture[str]) -> Iterator[Any]:
-    """``run(host, *args, kernel=None, clock=None)``: main() in process; the kernel reacts to
-    writes; waiting for GPU holders takes no real time (a fresh FakeClock unless given)."""
+    """``run(host, *args, kernel=None, clock=None)``: main() in process; the kernel (a fresh
+    FakeKernel unless given) reacts to writes; waiting for GPU holders takes no real time (a
+    fresh FakeClock unless given)."""
 
     def invoke(
         host: FakeHost,
@@ -112,6 +113,7 @@ def run(capsys: pytest.CaptureFixture[str]) -> Iterator[Any]:
         clock: FakeClock | None = None,
     ) -> Result:
         capsys.readouterr()
+        kernel = FakeKernel(host) if kernel is None else kernel
         clock = FakeClock() if clock is None else clock
         code = tool.main(host.argv(*args), after_sysfs_write=kernel, clock=clock)
         captured = capsys.readouterr()
@@ -160,6 +162,15 @@ def rtx_4090(tmp_path: Path) -> FakeHost:
     host = FakeHost(tmp_path, cpu="AuthenticAMD")
     host.add_root_port("0000:00:01.1", group=5)
     host.add_card("0000:01:00.0", RTX_4090, group=5, parent="0000:00:01.1")
+    host.load_vfio()
+    return host
+
+
+def nvme_in_gpu_group(tmp_path: Path) -> FakeHost:
+    """An H100 PCIe whose IOMMU group 9 also holds an NVMe (no ACS between them)."""
+    host = FakeHost(tmp_path, cpu="GenuineIntel")
+    host.add_card("0000:41:00.0", H100_PCIE, group=9)
+    host.add_device("0000:42:00.0", NVME, vendor=0x144D, group=9)
     host.load_vfio()
     return host
 
@@ -279,7 +290,7 @@ def test_bind_dynamic_moves_gpu_and_audio_to_vfio(tmp_path: Path, run: Any) -> N
 
 def test_bind_dynamic_json_reports_each_device(tmp_path: Path, run: Any) -> None:
     host = rtx_4090(tmp_path)
-    result = run(host, "--json", "bind", "--dynamic", kernel=FakeKernel(host))
+    result = run(host, "--json", "bind", "--dynamic")
     data = result.json()
     assert data["ok"] is True
     assert data["changed"] is True
@@ -294,7 +305,7 @@ def test_bind_dynamic_json_reports_each_device(tmp_path: Path, run: Any) -> None
 
 def test_bind_dynamic_without_addresses_takes_every_nvidia_gpu(tmp_path: Path, run: Any) -> None:
     host = intel_h100(tmp_path)
-    result = run(host, "bind", "--dynamic", kernel=FakeKernel(host))
+    result = run(host, "bind", "--dynamic")
     assert result.code == 0
     assert host.driver_of("0000:18:00.0") == "vfio-pci"
     assert host.driver_of("0000:2b:00.0") == "vfio-pci"
@@ -327,10 +338,7 @@ def test_bind_dynamic_on_a_mixed_host_touches_only_the_named_gpu(tmp_path: Path,
 
 
 def test_bind_refuses_a_group_shared_with_an_nvme(tmp_path: Path, run: Any) -> None:
-    host = FakeHost(tmp_path, cpu="GenuineIntel")
-    host.add_card("0000:41:00.0", H100_PCIE, group=9)
-    host.add_device("0000:42:00.0", NVME, vendor=0x144D, group=9)
-    host.load_vfio()
+    host = nvme_in_gpu_group(tmp_path)
     before = snapshot(tmp_path)
     kernel = FakeKernel(host)
     for mode in ("--dynamic", "--static"):
@@ -354,7 +362,7 @@ def test_bind_refuses_groups_with_nics_and_sata(
 ) -> None:
     host = amd_h200(tmp_path)
     host.add_device("0000:42:00.0", other, vendor=vendor, group=31)
-    result = run(host, "bind", "--dynamic", kernel=FakeKernel(host))
+    result = run(host, "bind", "--dynamic")
     assert result.code == 1
     assert f"0000:42:00.0 ({vendor:04x}:{other.device:04x} {kind})" in result.err
     assert host.driver_of("0000:41:00.0") == "nvidia"
@@ -365,7 +373,7 @@ def test_bind_refuses_another_gpu_in_the_group(tmp_path: Path, run: Any) -> None
     host.add_card("0000:41:00.0", H100_SXM, group=3)
     host.add_card("0000:42:00.0", H100_SXM, group=3)
     host.load_vfio()
-    result = run(host, "bind", "--dynamic", "0000:41:00.0", kernel=FakeKernel(host))
+    result = run(host, "bind", "--dynamic", "0000:41:00.0")
     assert result.code == 1
     assert "also holds 0000:42:00.0 (10de:2330 3D controller)" in result.err
 
@@ -418,7 +426,7 @@ def test_bind_without_iommu_says_to_drop_an_iommu_off_argument(tmp_path: Path, r
 def test_bind_refuses_a_gpu_without_group_when_the_iommu_is_on(tmp_path: Path, run: Any) -> None:
     host = intel_h100(tmp_path)
     (host.devices["0000:18:00.0"].directory / "iommu_group").unlink()
-    result = run(host, "bind", "--dynamic", "0000:18:00.0", kernel=FakeKernel(host))
+    result = run(host, "bind", "--dynamic", "0000:18:00.0")
     assert result.code == 1
     assert "0000:18:00.0: has no IOMMU group although the IOMMU is on" in result.err
 
@@ -483,7 +491,7 @@ def test_addresses_are_taken_in_either_case(tmp_path: Path, run: Any) -> None:
     host = FakeHost(tmp_path)
     host.add_card("0000:ab:00.0", H100_SXM, group=4)
     host.load_vfio()
-    result = run(host, "bind", "--dynamic", "0000:AB:00.0", kernel=FakeKernel(host))
+    result = run(host, "bind", "--dynamic", "0000:AB:00.0")
     assert result.code == 0
     assert host.driver_of("0000:ab:00.0") == "vfio-pci"
 
@@ -528,7 +536,7 @@ def test_sysfs_links_leading_outside_the_tree_are_not_written(tmp_path: Path, ru
     override = host.devices["0000:01:00.0"].directory / "driver_override"
     override.unlink()
     override.symlink_to(outside)
-    result = run(host, "bind", "--dynamic", kernel=FakeKernel(host))
+    result = run(host, "bind", "--dynamic")
     assert result.code == 2
     assert "outside" in result.err
     assert outside.read_text() == "precious\n"
@@ -612,7 +620,7 @@ def test_bind_dynamic_names_every_holder(tmp_path: Path, run: Any) -> None:
     host = rtx_4090(tmp_path)
     host.hold_gpu("0000:01:00.0", 1234, "nvidia-persistenced")
     host.hold_gpu("0000:01:00.0", 80, "dcgm-exporter")
-    result = run(host, "--json", "bind", "--dynamic", "--holder-wait", "0", kernel=FakeKernel(host))
+    result = run(host, "--json", "bind", "--dynamic", "--holder-wait", "0")
     assert result.code == 1
     lines = result.err.splitlines()
     assert [line.split(";")[0] for line in lines] == [
@@ -638,8 +646,7 @@ def test_bind_dynamic_waits_for_a_holder_that_lets_go(tmp_path: Path, run: Any, 
             host.end_process(4242)
 
     clock = FakeClock(on_sleep=nvidia_smi_exits)
-    kernel = FakeKernel(host)
-    result = run(host, "--json", "bind", "--dynamic", kernel=kernel, clock=clock)
+    result = run(host, "--json", "bind", "--dynamic", clock=clock)
     assert (result.code, result.err) == (0, "")
     assert clock.slept == [0.25] * polls
     assert host.driver_of("0000:01:00.0") == "vfio-pci"
@@ -670,9 +677,7 @@ def test_holder_wait_ends_on_time(tmp_path: Path, run: Any) -> None:
     host = rtx_4090(tmp_path)
     host.hold_gpu("0000:01:00.0", 1234, "cuda-app")
     clock = FakeClock()
-    result = run(
-        host, "bind", "--dynamic", "--holder-wait", "0.6", kernel=FakeKernel(host), clock=clock
-    )
+    result = run(host, "bind", "--dynamic", "--holder-wait", "0.6", clock=clock)
     assert result.code == 1
     assert "held open by pid 1234 (cuda-app) after waiting 0.6 s;" in result.err
     assert clock.slept == pytest.approx([0.25, 0.25, 0.1])
@@ -700,7 +705,7 @@ def test_bind_dynamic_goes_on_when_holders_cannot_be_checked(
 
     lay_out_differently()
     reason = reason.format(proc=host.proc)
-    result = run(host, "bind", "--dynamic", kernel=FakeKernel(host))
+    result = run(host, "bind", "--dynamic")
     assert (result.code, result.err) == (0, "")
     assert result.out.splitlines()[0] == (
         "GPU 0000:01:00.0 10de:2684 NVIDIA GeForce RTX 4090: nvidia -> vfio-pci (bound): could "
@@ -708,9 +713,9 @@ def test_bind_dynamic_goes_on_when_holders_cannot_be_checked(
     )
     assert host.driver_of("0000:01:00.0") == "vfio-pci"
     host.hold_gpu("0000:01:00.0", 1, "init")  # unknowable without the minor: nothing changes
-    assert run(host, "unbind", "--dynamic", kernel=FakeKernel(host)).code == 0
+    assert run(host, "unbind", "--dynamic").code == 0
     lay_out_differently()  # the nvidia driver took it back and wrote its file again
-    data = run(host, "--json", "bind", "--dynamic", kernel=FakeKernel(host)).json()
+    data = run(host, "--json", "bind", "--dynamic").json()
     assert data["ok"] is True
     assert data["devices"][0]["holder_check"] == {
         "state": "unchecked",
@@ -741,8 +746,7 @@ def test_only_the_gpus_own_device_node_counts(tmp_path: Path, run: Any) -> None:
     )
     ended = host.add_process(502, "zombie", ["/dev/nvidia1"])
     shutil.rmtree(ended / "fd")  # a process without an fd directory (exited, or a kernel thread)
-    kernel = FakeKernel(host)
-    result = run(host, "--json", "bind", "--dynamic", "0000:2b:00.0", kernel=kernel)
+    result = run(host, "--json", "bind", "--dynamic", "0000:2b:00.0")
     assert (result.code, result.err) == (0, "")
     assert result.json()["devices"][0]["holder_check"] == {
         "state": "clear",
@@ -756,11 +760,11 @@ def test_only_the_gpus_own_device_node_counts(tmp_path: Path, run: Any) -> None:
 def test_companions_and_gpus_on_vfio_are_not_checked(tmp_path: Path, run: Any) -> None:
     host = mixed(tmp_path)
     host.hold_gpu("0000:81:00.0", 1234, "nvidia-persistenced")
-    result = run(host, "--json", "bind", "--dynamic", "0000:c1:00.0", kernel=FakeKernel(host))
+    result = run(host, "--json", "bind", "--dynamic", "0000:c1:00.0")
     assert result.code == 0
     assert result.json()["devices"][0]["holder_check"] is None
     rtx = rtx_4090(tmp_path / "rtx")
-    data = run(rtx, "--json", "bind", "--dynamic", kernel=FakeKernel(rtx)).json()
+    data = run(rtx, "--json", "bind", "--dynamic").json()
     assert [d["holder_check"] is None for d in data["devices"]] == [False, True]
 
 
@@ -812,7 +816,7 @@ def test_a_bad_holder_wait_is_a_usage_error(tmp_path: Path, run: Any, value: str
 
 def test_holder_wait_of_600_is_allowed(tmp_path: Path, run: Any) -> None:
     host = rtx_4090(tmp_path)
-    result = run(host, "bind", "--dynamic", "--holder-wait", "600", kernel=FakeKernel(host))
+    result = run(host, "bind", "--dynamic", "--holder-wait", "600")
     assert result.code == 0
 
 
@@ -857,7 +861,7 @@ def test_unbind_dynamic_leaves_host_gpus_alone(tmp_path: Path, run: Any) -> None
 
 def test_unbind_dynamic_on_mixed_host_returns_only_the_leased_gpu(tmp_path: Path, run: Any) -> None:
     host = mixed(tmp_path)
-    result = run(host, "--json", "unbind", "--dynamic", kernel=FakeKernel(host))
+    result = run(host, "--json", "unbind", "--dynamic")
     assert result.code == 0
     assert result.json()["changed"] is True
     assert host.driver_of("0000:c1:00.0") == "nvidia"
@@ -868,7 +872,7 @@ def test_unbind_dynamic_clears_a_stale_override(tmp_path: Path, run: Any) -> Non
     host = amd_h200(tmp_path)
     host.unbind("0000:41:00.0")
     host.set_override("0000:41:00.0", "vfio-pci")  # a bind that failed half way
-    result = run(host, "--json", "unbind", "--dynamic", kernel=FakeKernel(host))
+    result = run(host, "--json", "unbind", "--dynamic")
     assert result.code == 0
     assert result.json()["changed"] is True
     assert host.override_of("0000:41:00.0") == "(null)"
@@ -893,7 +897,7 @@ def test_unbind_dynamic_without_host_driver_leaves_the_gpu_unbound(
 ) -> None:
     host = FakeHost(tmp_path)
     host.add_card("0000:41:00.0", H100_SXM, group=3, driver="vfio-pci")  # nvidia never loaded
-    result = run(host, "unbind", "--dynamic", kernel=FakeKernel(host))
+    result = run(host, "unbind", "--dynamic")
     assert result.code == 0
     assert host.driver_of("0000:41:00.0") is None
     assert "no host driver claimed it (is the nvidia module loaded?)" in result.out
@@ -1110,7 +1114,7 @@ def test_bind_static_ids_refuses_foreign_vendors(tmp_path: Path, run: Any) -> No
 def test_usage_errors_exit_2_with_one_line(tmp_path: Path, run: Any, args: tuple[str, ...]) -> None:
     host = intel_h100(tmp_path)
     before = snapshot(tmp_path)
-    result = run(host, *args, kernel=FakeKernel(host))
+    result = run(host, *args)
     assert result.code == 2
     assert len(result.err.splitlines()) == 1
     assert result.err.startswith("vfio-setup: error: ")
@@ -1252,11 +1256,8 @@ def test_verify_dynamic_mixed_host_passes(tmp_path: Path, run: Any) -> None:
 
 
 def test_verify_reports_an_unsafe_group(tmp_path: Path, run: Any) -> None:
-    host = FakeHost(tmp_path, cpu="GenuineIntel")
-    host.add_card("0000:41:00.0", H100_PCIE, group=9)
-    host.add_device("0000:42:00.0", NVME, vendor=0x144D, group=9)
+    host = nvme_in_gpu_group(tmp_path)
     host.add_card("0000:81:00.0", H100_PCIE, group=10)
-    host.load_vfio()
     result = run(host, "--json", "verify", "--mode", "dynamic")
     assert result.code == 1
     data = result.json()
@@ -1350,10 +1351,7 @@ def test_verify_needs_procfs(tmp_path: Path, run: Any) -> None:
 
 
 def test_debug_dumps_everything(tmp_path: Path, run: Any) -> None:
-    host = FakeHost(tmp_path, cpu="GenuineIntel")
-    host.add_card("0000:41:00.0", H100_PCIE, group=9)
-    host.add_device("0000:42:00.0", NVME, vendor=0x144D, group=9)
-    host.load_vfio()
+    host = nvme_in_gpu_group(tmp_path)
     assert run(host, "bind", "--static", "--ids", "10de:2331").code == 0
     result = run(host, "debug")
     assert result.code == 0  # for bug reports: the failed checks are in the text
