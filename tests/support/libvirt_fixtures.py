@@ -15,7 +15,6 @@ import json
 import subprocess
 import threading
 import time
-import xml.etree.ElementTree as ET
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,6 +27,7 @@ from byteleap.worker.vm import VmError
 from byteleap.worker.vm.config import VmSettings
 from byteleap.worker.vm.domain import PciAddress
 from byteleap.worker.vm.network import LeaseAddressing, NetworkInventory
+from byteleap.worker.vm.simulated import SimulatedPci, simulated_node_xml
 
 NVIDIA = 0x10DE
 H100_SXM = 0x2330
@@ -45,77 +45,27 @@ GPU_SHARED_GROUP = "0000:c1:00.0"  # group 45 also holds the NIC 0000:c2:00.0: u
 NIC = "0000:c2:00.0"
 
 
-@dataclass(frozen=True)
-class FakePci:
-    address: str
-    class_code: int
-    vendor_id: int
-    product_id: int
-    product: str
-    iommu_group: int
-    driver: str = "vfio-pci"
-
-
-DEFAULT_DEVICES: tuple[FakePci, ...] = (
-    FakePci(GPU_WITH_AUDIO, CLASS_3D, NVIDIA, H100_SXM, "GH100 [H100 SXM5 80GB]", 42),
-    FakePci(GPU_COMPANION, CLASS_AUDIO, NVIDIA, 0x22A3, "GH100 audio controller", 42),
-    FakePci("0000:80:01.0", CLASS_BRIDGE, 0x1022, 0x1483, "PCIe root port", 43, "pcieport"),
-    FakePci(GPU_BEHIND_BRIDGE, CLASS_3D, NVIDIA, H100_SXM, "GH100 [H100 SXM5 80GB]", 43),
-    FakePci(GPU_PLAIN, CLASS_3D, NVIDIA, H100_SXM, "GH100 [H100 SXM5 80GB]", 44),
-    FakePci(GPU_SHARED_GROUP, CLASS_3D, NVIDIA, H100_SXM, "GH100 [H100 SXM5 80GB]", 45),
-    FakePci(NIC, CLASS_ETHERNET, 0x8086, 0x1572, "Ethernet Controller X710", 45, "i40e"),
+DEFAULT_DEVICES: tuple[SimulatedPci, ...] = (
+    SimulatedPci(GPU_WITH_AUDIO, CLASS_3D, NVIDIA, H100_SXM, "GH100 [H100 SXM5 80GB]", 42),
+    SimulatedPci(GPU_COMPANION, CLASS_AUDIO, NVIDIA, 0x22A3, "GH100 audio controller", 42),
+    SimulatedPci(
+        "0000:80:01.0", CLASS_BRIDGE, 0x1022, 0x1483, "PCIe root port", 43, "pcieport", "AMD"
+    ),
+    SimulatedPci(GPU_BEHIND_BRIDGE, CLASS_3D, NVIDIA, H100_SXM, "GH100 [H100 SXM5 80GB]", 43),
+    SimulatedPci(GPU_PLAIN, CLASS_3D, NVIDIA, H100_SXM, "GH100 [H100 SXM5 80GB]", 44),
+    SimulatedPci(GPU_SHARED_GROUP, CLASS_3D, NVIDIA, H100_SXM, "GH100 [H100 SXM5 80GB]", 45),
+    SimulatedPci(
+        NIC, CLASS_ETHERNET, 0x8086, 0x1572, "Ethernet Controller X710", 45, "i40e", "Intel"
+    ),
 )
 
 
-def node_fixture_xml(devices: tuple[FakePci, ...] = DEFAULT_DEVICES) -> str:
+def node_fixture_xml(devices: tuple[SimulatedPci, ...] = DEFAULT_DEVICES) -> str:
     """A libvirt test-driver node with 128 GiB, 32 CPUs and ``devices`` as PCI node devices."""
-    node = ET.Element("node")
-    cpu = ET.SubElement(node, "cpu")
-    for tag, text in (
-        ("mhz", "2400"),
-        ("model", "x86_64"),
-        ("active", "32"),
-        ("nodes", "1"),
-        ("sockets", "1"),
-        ("cores", "16"),
-        ("threads", "2"),
-    ):
-        ET.SubElement(cpu, tag).text = text
-    ET.SubElement(node, "memory").text = str(128 * 1024 * 1024)
-    computer = ET.SubElement(node, "device")
-    ET.SubElement(computer, "name").text = "computer"
-    system = ET.SubElement(computer, "capability", type="system")
-    hardware = ET.SubElement(system, "hardware")
-    # Without a system UUID the test driver refuses the node ("no system UUID supplied").
-    ET.SubElement(hardware, "uuid").text = "3c2d8a5e-6f1b-4e7a-9c0d-8b1a2f3e4d5c"
-    groups: dict[int, list[PciAddress]] = {}
-    for device in devices:
-        groups.setdefault(device.iommu_group, []).append(PciAddress.parse(device.address))
-    for device in devices:
-        address = PciAddress.parse(device.address)
-        element = ET.SubElement(node, "device")
-        ET.SubElement(element, "name").text = address.nodedev_name
-        ET.SubElement(element, "parent").text = "computer"
-        ET.SubElement(ET.SubElement(element, "driver"), "name").text = device.driver
-        cap = ET.SubElement(element, "capability", type="pci")
-        ET.SubElement(cap, "class").text = f"0x{device.class_code:06x}"
-        for tag, value in (
-            ("domain", address.domain),
-            ("bus", address.bus),
-            ("slot", address.slot),
-            ("function", address.function),
-        ):
-            ET.SubElement(cap, tag).text = str(value)
-        ET.SubElement(cap, "product", id=f"0x{device.product_id:04x}").text = device.product
-        ET.SubElement(cap, "vendor", id=f"0x{device.vendor_id:04x}").text = "Vendor"
-        group = ET.SubElement(cap, "iommuGroup", number=str(device.iommu_group))
-        for member in sorted(groups[device.iommu_group]):
-            ET.SubElement(group, "address", member.xml_attributes())
-    ET.indent(node)
-    return ET.tostring(node, encoding="unicode")
+    return simulated_node_xml(devices, cpus=32, memory_gib=128)
 
 
-def write_node_fixture(path: Path, devices: tuple[FakePci, ...] = DEFAULT_DEVICES) -> str:
+def write_node_fixture(path: Path, devices: tuple[SimulatedPci, ...] = DEFAULT_DEVICES) -> str:
     """Write the node XML to ``path`` and return its ``test://`` URI."""
     path.write_text(node_fixture_xml(devices), encoding="utf-8")
     return f"test://{path.absolute()}"

@@ -33,6 +33,7 @@ checks the ``CertRenewed`` against that key and swaps the state. Every failure i
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import re
@@ -449,8 +450,9 @@ class GatewayEnrollment:
         ws_url: str,
         enrolled_at: float,
     ) -> GatewayEnrollment:
-        """Check a new certificate (for ``key_pem``, ``CN=<worker_id>``, issued by ``ca_pem``)
-        and store it as the enrollment, replacing any previous one atomically."""
+        """Check a new certificate (for ``key_pem``, ``CN=<worker_id>``, issued by ``ca_pem``,
+        valid after ``enrolled_at``) and store it as the enrollment, replacing any previous one
+        atomically."""
         key = _load_key(key_pem, "the TLS key")
         cert = _load_cert(cert_pem, "the gateway's certificate", "bad_answer")
         ca = _load_cert(ca_pem, "the gateway's CA", "bad_answer")
@@ -464,6 +466,10 @@ class GatewayEnrollment:
                 f"the gateway's worker URL {_shown(ws_url)!r} is not wss://", code="bad_answer"
             )
         not_before, not_after = _validity(cert)
+        if not_after <= enrolled_at:
+            raise GatewayEnrollError(
+                "the gateway's certificate has already expired", code="bad_answer"
+            )
         state = _StateFile(
             gateway_id=gateway_id, ws_url=ws_url, not_after=not_after, enrolled_at=enrolled_at
         )
@@ -622,12 +628,10 @@ async def enroll_with_grant(
         proof=worker_key.sign(gp.enroll_proof_message(token.token, csr_der)),
     )
     answer = await _post_enroll(token, body, _pinned_context(token.ca_pem), timeout_s)
-    cert = _load_cert(answer.cert_pem, "the gateway's certificate", "bad_answer")
-    _check_worker_cert(cert, tls_key, ca, worker_id, "the gateway's certificate", "bad_answer")
-    now = clock()
-    if _validity(cert)[1] <= now:
-        raise GatewayEnrollError("the gateway's certificate has already expired", code="bad_answer")
-    return GatewayEnrollment.create(
+    # create() checks the certificate (this key, this worker, the grant's CA, not expired) and
+    # writes and fsyncs the state: off the event loop.
+    return await asyncio.to_thread(
+        GatewayEnrollment.create,
         Path(state_dir),
         worker_id=worker_id,
         key_pem=_key_pem(tls_key),
@@ -635,7 +639,7 @@ async def enroll_with_grant(
         ca_pem=_pem(ca),
         gateway_id=token.gateway_id,
         ws_url=answer.ws_url,
-        enrolled_at=now,
+        enrolled_at=clock(),
     )
 
 

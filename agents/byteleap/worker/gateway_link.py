@@ -41,7 +41,7 @@ import enum
 import logging
 import ssl
 import time
-from collections.abc import Awaitable, Callable, Collection, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Iterable
 from pathlib import Path
 from typing import Final, Literal, Protocol
 
@@ -59,6 +59,7 @@ from byteleap.core.logs import log_fields
 
 from . import inventory as inventory_mod
 from .gateway_enroll import GatewayEnrollError
+from .reconnect import ReconnectLoop, first_to_end
 from .vm import VmError, replace_private_file
 from .vm.config import VmSettings
 from .vm.manager import HostGpu, LeaseVmSpec, RecoveryReport, VmInfo, VmStatus
@@ -415,8 +416,9 @@ class _Session:
 # The link
 
 
-class GatewayLink:
-    """The gateway session and the leases it brings. :meth:`run` until :meth:`stop`."""
+class GatewayLink(ReconnectLoop[GatewayStatus]):
+    """The gateway session and the leases it brings. :meth:`run` until :meth:`stop`, which
+    closes the session but leaves the VMs running (a restart is not the end of a lease)."""
 
     def __init__(
         self,
@@ -436,6 +438,7 @@ class GatewayLink:
         wall_clock: Callable[[], float] = time.time,
         agent_version: str = __version__,
     ) -> None:
+        super().__init__(GatewayStatus(state=GatewayState.CONNECTING), on_status)
         self.settings = settings
         self._key = key
         self._vm = vm
@@ -446,7 +449,6 @@ class GatewayLink:
         self._enroll = enroll
         self._mode = mode
         self._collect_inventory = collect_inventory
-        self._on_status = on_status
         self._clock = clock
         self._wall = wall_clock
         self._agent_version = agent_version
@@ -462,17 +464,9 @@ class GatewayLink:
         self._locks: dict[str, asyncio.Lock] = {}
         self._stop_retry_at: dict[str, float] = {}
         self._lease_tasks: set[asyncio.Task[None]] = set()
-        self._status = GatewayStatus(state=GatewayState.CONNECTING)
-        self._task: asyncio.Task[None] | None = None
-        self._finished = asyncio.Event()
-        self._stopping = False
         self._last_error: gp.Error | None = None
 
     # -- public ------------------------------------------------------------------------------
-    @property
-    def status(self) -> GatewayStatus:
-        return self._status
-
     @property
     def leased_devices(self) -> frozenset[str]:
         """Device uuids of the leases this worker holds (not to be challenged)."""
@@ -490,12 +484,7 @@ class GatewayLink:
         inventory = inventory if inventory is not None else self._inventory
         if inventory is None:
             return []
-        held = {
-            address
-            for lease in self._book.leases.values()
-            if lease.phase in _HOLDING
-            for address in lease.gpus
-        }
+        held = self._held_addresses()
         return sorted(
             gpu.uuid
             for gpu in inventory.gpus
@@ -505,40 +494,23 @@ class GatewayLink:
     def held_leases(self) -> dict[str, HeldLease]:
         return dict(self._book.leases)
 
-    async def run(self) -> None:
-        """Recover the lease VMs, then connect, serve, reconnect... until :meth:`stop`."""
-        if self._task is not None:
-            raise RuntimeError("GatewayLink.run() is already running")
-        self._task = asyncio.current_task()
+    # -- the loop ----------------------------------------------------------------------------
+    @contextlib.asynccontextmanager
+    async def _around_attempts(self) -> AsyncIterator[None]:
+        """Recover the lease VMs first; keep up the maintenance while the attempts go on."""
         maintenance: asyncio.Task[None] | None = None
         try:
             await self._recover()
             maintenance = asyncio.create_task(self._maintain(), name="gateway-maintenance")
-            async with aiohttp.ClientSession() as http:
-                while not self._stopping:
-                    await self._attempt(http)
-        except asyncio.CancelledError:
-            if not self._stopping:
-                raise
-            current = asyncio.current_task()
-            if current is not None:  # the cancel came from stop(): handled here
-                current.uncancel()
+            yield
         finally:
             if maintenance is not None:
                 maintenance.cancel()
                 await asyncio.gather(maintenance, return_exceptions=True)
             await self._end_lease_tasks()
-            self._emit(dataclasses.replace(self._status, state=GatewayState.STOPPED))
-            self._task = None
-            self._finished.set()
 
-    async def stop(self) -> None:
-        """Close the session (VMs keep running: a restart is not the end of a lease)."""
-        self._stopping = True
-        task = self._task
-        if task is not None and task is not asyncio.current_task() and not task.done():
-            task.cancel()
-            await self._finished.wait()
+    def _stopped_status(self) -> GatewayStatus:
+        return dataclasses.replace(self._status, state=GatewayState.STOPPED)
 
     # -- recovery ----------------------------------------------------------------------------
     async def _recover(self) -> None:
@@ -837,18 +809,13 @@ class GatewayLink:
 
     # -- steady state ------------------------------------------------------------------------
     async def _serve(self, session: _Session) -> None:
-        tasks = {
-            asyncio.create_task(self._read(session), name="gateway-receive"),
-            asyncio.create_task(self._heartbeats(session), name="gateway-heartbeat"),
-            asyncio.create_task(self._renewals(session), name="gateway-renewal"),
-        }
-        try:
-            done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            for task in tasks:
-                task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
-        finished = done.pop()
+        finished = await first_to_end(
+            {
+                asyncio.create_task(self._read(session), name="gateway-receive"),
+                asyncio.create_task(self._heartbeats(session), name="gateway-heartbeat"),
+                asyncio.create_task(self._renewals(session), name="gateway-renewal"),
+            }
+        )
         exc = finished.exception()
         if isinstance(exc, _LinkDownError):
             raise exc
@@ -1059,15 +1026,23 @@ class GatewayLink:
             self._book.gpus = learned
             await self._save()
 
-    def _slots_and_identities(self) -> tuple[list[gp.GpuSlot], dict[str, GpuIdentity]]:
-        held = {
+    def _held_addresses(self) -> set[str]:
+        """PCI addresses of the GPUs the leases hold."""
+        return {
             address
             for lease in self._book.leases.values()
             if lease.phase in _HOLDING
             for address in lease.gpus
         }
-        mode: Literal["auto", "passthrough"] = self._mode
-        return gpu_slots(self._host, self._inventory, self._book.gpus, held=held, mode=mode)
+
+    def _slots_and_identities(self) -> tuple[list[gp.GpuSlot], dict[str, GpuIdentity]]:
+        return gpu_slots(
+            self._host,
+            self._inventory,
+            self._book.gpus,
+            held=self._held_addresses(),
+            mode=self._mode,
+        )
 
     def _slots(self) -> list[gp.GpuSlot]:
         return self._slots_and_identities()[0]
@@ -1336,11 +1311,3 @@ class GatewayLink:
                 if overdue or retry:
                     why = "its end passed without word from the gateway" if overdue else "retry"
                     self._spawn(self._stop_lease(held.lease_id, why), f"lease-stop-{held.lease_id}")
-
-    def _emit(self, status: GatewayStatus) -> None:
-        self._status = status
-        if self._on_status is not None:
-            try:
-                self._on_status(status)
-            except Exception:
-                log.exception("gateway status callback failed")

@@ -41,7 +41,7 @@ import logging
 import random
 import secrets
 import time
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from pathlib import Path
 from typing import Any, Final
 from urllib.parse import urlsplit
@@ -67,6 +67,7 @@ from byteleap.core.logs import log_fields
 from . import inventory as inventory_mod
 from .challenges import ChallengeRefusedError, ChallengeRunner
 from .config import WorkerConfig
+from .reconnect import ReconnectLoop, first_to_end
 
 __all__ = [
     "GATEWAY_GRANT_TIMEOUT_S",
@@ -297,8 +298,9 @@ def _internal(exc: Exception) -> wire.CodedError:
 # The link
 
 
-class WorkerLink:
-    """The connection loop. Run it with :meth:`run`; end it with :meth:`stop`."""
+class WorkerLink(ReconnectLoop[LinkStatus]):
+    """The connection loop. Run it with :meth:`run`; end it with :meth:`stop`, which closes the
+    session with ``GOING_AWAY``."""
 
     def __init__(
         self,
@@ -318,6 +320,7 @@ class WorkerLink:
         rng: random.Random | None = None,
         agent_version: str = __version__,
     ) -> None:
+        super().__init__(LinkStatus(state=LinkState.CONNECTING, url=settings.url), on_status)
         self.settings = settings
         self._key = key
         self._secret = secret
@@ -326,17 +329,12 @@ class WorkerLink:
         self._collect_inventory = collect_inventory
         self._collect_live = collect_live
         self._leased_devices = leased_devices
-        self._on_status = on_status
         self._clock = clock
         self._sleep = sleep
         self._backoff = Backoff(settings.reconnect_initial_s, settings.reconnect_max_s, rng=rng)
         self._agent_version = agent_version
         self._inventory = initial_inventory
         self._inventory_at = clock() if initial_inventory is not None else None
-        self._status = LinkStatus(state=LinkState.CONNECTING, url=settings.url)
-        self._task: asyncio.Task[None] | None = None
-        self._finished = asyncio.Event()
-        self._stopping = False
         self._challenge_tasks: set[asyncio.Task[None]] = set()
         self._auth_refusal: str | None = None
         self._peer_error: wire.Error | None = None
@@ -352,37 +350,8 @@ class WorkerLink:
 
     # -- public ------------------------------------------------------------------------------
     @property
-    def status(self) -> LinkStatus:
-        return self._status
-
-    @property
     def worker_id(self) -> str:
         return self._key.worker_id
-
-    async def run(self) -> None:
-        """Connect, serve, reconnect... until :meth:`stop`. Returns after a clean shutdown."""
-        if self._task is not None:
-            raise RuntimeError("WorkerLink.run() is already running")
-        self._task = asyncio.current_task()
-        sweeper = asyncio.create_task(self._sweep_loop(), name="worker-sweep")
-        try:
-            async with aiohttp.ClientSession() as http:
-                while not self._stopping:
-                    await self._attempt(http)
-        except asyncio.CancelledError:
-            if not self._stopping:
-                raise
-            current = asyncio.current_task()
-            if current is not None:  # the cancel came from stop(): it is handled here
-                current.uncancel()
-        finally:
-            sweeper.cancel()
-            await self._cancel_challenges()
-            with contextlib.suppress(asyncio.CancelledError):
-                await sweeper
-            self._emit(dataclasses.replace(self._status, state=LinkState.STOPPED))
-            self._task = None
-            self._finished.set()
 
     async def request_gateway_grant(
         self,
@@ -463,14 +432,20 @@ class WorkerLink:
                     MinerRequestError(None, f"the miner link closed while asking: {reason}")
                 )
 
-    async def stop(self) -> None:
-        """Close the link (``GOING_AWAY`` to the miner) and make :meth:`run` return."""
-        self._stopping = True
-        task = self._task
-        if task is not None and task is not asyncio.current_task() and not task.done():
-            task.cancel()
-            # Wait for run()'s clean-up, not for its task: that task may go on to wait for us.
-            await self._finished.wait()
+    # -- the loop ----------------------------------------------------------------------------
+    @contextlib.asynccontextmanager
+    async def _around_attempts(self) -> AsyncIterator[None]:
+        sweeper = asyncio.create_task(self._sweep_loop(), name="worker-sweep")
+        try:
+            yield
+        finally:
+            sweeper.cancel()
+            await self._cancel_challenges()
+            with contextlib.suppress(asyncio.CancelledError):
+                await sweeper
+
+    def _stopped_status(self) -> LinkStatus:
+        return dataclasses.replace(self._status, state=LinkState.STOPPED)
 
     # -- one attempt -------------------------------------------------------------------------
     async def _attempt(self, http: aiohttp.ClientSession) -> None:
@@ -707,19 +682,14 @@ class WorkerLink:
     # -- steady state ------------------------------------------------------------------------
     async def _serve(self, channel: Channel, ack_interval: float) -> None:
         interval = min(self.settings.heartbeat_interval_s, ack_interval)
-        tasks = {
-            asyncio.create_task(self._receive(channel), name="worker-receive"),
-            asyncio.create_task(self._heartbeats(channel, interval), name="worker-heartbeat"),
-            asyncio.create_task(self._inventory_updates(channel), name="worker-inventory"),
-            asyncio.create_task(self._rotate(channel), name="worker-rotate"),
-        }
-        try:
-            done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            for task in tasks:
-                task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
-        finished = done.pop()
+        finished = await first_to_end(
+            {
+                asyncio.create_task(self._receive(channel), name="worker-receive"),
+                asyncio.create_task(self._heartbeats(channel, interval), name="worker-heartbeat"),
+                asyncio.create_task(self._inventory_updates(channel), name="worker-inventory"),
+                asyncio.create_task(self._rotate(channel), name="worker-rotate"),
+            }
+        )
         exc = finished.exception()
         if isinstance(exc, _LinkDownError):
             raise exc
@@ -926,11 +896,3 @@ class WorkerLink:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-
-    def _emit(self, status: LinkStatus) -> None:
-        self._status = status
-        if self._on_status is not None:
-            try:
-                self._on_status(status)
-            except Exception:
-                log.exception("link status callback failed")

@@ -12,7 +12,6 @@ import pytest
 from byteleap.core import wire
 from byteleap.core.challenge import ChallengeSpec, ProvenChallenge, draw_sample, prove, verify
 from byteleap.core.challenge.prover import Backend, NumpyBackend, ResultMatrix
-from byteleap.core.merkle import MerkleTree
 from byteleap.worker.challenges import ChallengeRefusedError, ChallengeRunner, Device
 from tests.support.fixtures import eventually
 
@@ -174,9 +173,9 @@ async def test_results_are_freed_in_their_devices_executor() -> None:
             self.inner.release()
 
     class RecordingBackend(NumpyBackend):
-        def compute(self, spec: ChallengeSpec, threads: int) -> tuple[ResultMatrix, MerkleTree]:
-            result, tree = super().compute(spec, threads)
-            return Recorded(result), tree
+        def compute(self, spec: ChallengeSpec, threads: int) -> tuple[ResultMatrix, list[bytes]]:
+            result, leaves = super().compute(spec, threads)
+            return Recorded(result), leaves
 
     clock = Clock()
     device = Device(uuid="cpu-0", backend=RecordingBackend(), precisions=frozenset({"fp32"}))

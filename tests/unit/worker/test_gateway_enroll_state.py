@@ -11,6 +11,7 @@ import os
 import shutil
 import ssl
 import stat
+import time
 from pathlib import Path
 
 import pytest
@@ -242,6 +243,9 @@ def test_create_refuses_what_does_not_fit(tmp_path: Path, ca: GatewayCA, worker:
         with pytest.raises(GatewayEnrollError, match=expected):
             GatewayEnrollment.create(tmp_path, **{**good, **change}, enrolled_at=0.0)  # type: ignore[arg-type]
         assert GatewayEnrollment.load(tmp_path) is None
+    with pytest.raises(GatewayEnrollError, match="already expired"):
+        GatewayEnrollment.create(tmp_path, **good, enrolled_at=time.time() + 31 * 86400)  # type: ignore[arg-type]
+    assert GatewayEnrollment.load(tmp_path) is None
 
 
 # ------------------------------------------------------------------------------------------------

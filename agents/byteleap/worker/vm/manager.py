@@ -628,10 +628,10 @@ class LeaseVmManager:
 
     def _status(self, lease_id: str) -> VmStatus:
         state = self._read_state(lease_id)
-        domain = self._lookup(lease_id)
         info = self._info(state) if state is not None else None
         if state is not None and state.phase != "running":
             return VmStatus(lease_id=lease_id, state=state.phase, guest_agent="unknown", info=info)
+        domain = self._lookup(lease_id)
         if domain is None:
             return VmStatus(lease_id=lease_id, state="missing", guest_agent="unknown", info=info)
         vm_state = _domain_state(domain)
