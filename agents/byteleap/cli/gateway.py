@@ -22,10 +22,13 @@ config, key material or store.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
 import re
 import stat
+import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated, Final, NoReturn
 
@@ -112,6 +115,23 @@ def _store(config: GatewayConfig, *, upgrade: bool = False) -> GatewayStore:
     return store
 
 
+@contextlib.contextmanager
+def _opened(settings: GatewayConfig, *, hand_over: bool = False) -> Iterator[GatewayStore]:
+    """The checked store, closed after the block; a store error in the block refuses (exit 1).
+
+    With ``hand_over``, files root created in the state directory go to its owner afterwards.
+    """
+    store = _store(settings)
+    try:
+        yield store
+    except StoreError as exc:
+        _fail(str(exc))
+    finally:
+        store.close()
+        if hand_over:
+            _hand_over(Path(settings.state_dir))
+
+
 def _hand_over(state_dir: Path) -> None:
     """As root, give files root created in ``state_dir`` to the directory's owner."""
     if os.geteuid() != 0:
@@ -187,99 +207,52 @@ def show(config: ConfigOption = Path(DEFAULT_CONFIG_PATH), as_json: JsonOption =
 # ------------------------------------------------------------------------------------------------
 # API keys
 
-
-def _add_key(kind: KeyKind, name: str, config: Path) -> None:
-    if not _NAME.match(name):
-        _fail(f"{name!r}: a name is 1-64 letters, digits, '.', '_' or '-'", EXIT_USAGE)
-    settings = _config(config)
-    store = _store(settings)
-    secret = new_secret(KEY_PREFIXES[kind])
-    try:
-        store.add_api_key(kind, name, secret_hash(secret), datetime.datetime.now().timestamp())
-    except StoreConflict as exc:
-        _fail(f"{exc} (revoke it first to issue a new one)")
-    except StoreError as exc:
-        _fail(str(exc))
-    finally:
-        store.close()
-        _hand_over(Path(settings.state_dir))
-    typer.echo(secret)
-    typer.echo(f"{kind} key for {name!r}: shown once, only its hash is kept", err=True)
-
-
-def _list_keys(kind: KeyKind, config: Path, as_json: bool) -> None:
-    store = _store(_config(config))
-    try:
-        rows = store.api_keys(kind)
-    except StoreError as exc:
-        _fail(str(exc))
-    finally:
-        store.close()
-    if as_json:
-        typer.echo(msgspec.json.encode(rows).decode())
-        return
-    table = Table(title=f"{kind} keys", title_justify="left")
-    for column in ("name", "created", "revoked"):
-        table.add_column(column)
-    for row in rows:
-        table.add_row(row.name, _when(row.created_at), _when(row.revoked_at))
-    Console().print(table)
-
-
-def _revoke_key(kind: KeyKind, name: str, config: Path) -> None:
-    store = _store(_config(config))
-    try:
-        revoked = store.revoke_api_key(kind, name, datetime.datetime.now().timestamp())
-    except StoreError as exc:
-        _fail(str(exc))
-    finally:
-        store.close()
-    if not revoked:
-        _fail(f"{kind} {name!r} has no active key")
-    typer.echo(f"revoked the {kind} key of {name!r}")
-
-
 NameArgument = Annotated[str, typer.Argument(help="who the key belongs to")]
 
 
-@renter_app.command("add")
-def renter_add(name: NameArgument, config: ConfigOption = Path(DEFAULT_CONFIG_PATH)) -> None:
-    """Issue a renter API key (printed once)."""
-    _add_key("renter", name, config)
+def _key_commands(group: typer.Typer, kind: KeyKind, revoke_note: str = "") -> None:
+    """``add``, ``list`` and ``revoke`` for one kind of API key."""
+
+    @group.command("add", help=f"Issue a {kind} API key (printed once).")
+    def add(name: NameArgument, config: ConfigOption = Path(DEFAULT_CONFIG_PATH)) -> None:
+        if not _NAME.match(name):
+            _fail(f"{name!r}: a name is 1-64 letters, digits, '.', '_' or '-'", EXIT_USAGE)
+        secret = new_secret(KEY_PREFIXES[kind])
+        with _opened(_config(config), hand_over=True) as store:
+            try:
+                store.add_api_key(kind, name, secret_hash(secret), time.time())
+            except StoreConflict as exc:
+                _fail(f"{exc} (revoke it first to issue a new one)")
+        typer.echo(secret)
+        typer.echo(f"{kind} key for {name!r}: shown once, only its hash is kept", err=True)
+
+    @group.command("list", help=f"{kind.capitalize()} keys and when they were created or revoked.")
+    def list_keys(
+        config: ConfigOption = Path(DEFAULT_CONFIG_PATH), as_json: JsonOption = False
+    ) -> None:
+        with _opened(_config(config)) as store:
+            rows = store.api_keys(kind)
+        if as_json:
+            typer.echo(msgspec.json.encode(rows).decode())
+            return
+        table = Table(title=f"{kind} keys", title_justify="left")
+        for column in ("name", "created", "revoked"):
+            table.add_column(column)
+        for row in rows:
+            table.add_row(row.name, _when(row.created_at), _when(row.revoked_at))
+        Console().print(table)
+
+    @group.command("revoke", help=f"Revoke a {kind}'s key{revoke_note}.")
+    def revoke(name: NameArgument, config: ConfigOption = Path(DEFAULT_CONFIG_PATH)) -> None:
+        with _opened(_config(config)) as store:
+            revoked = store.revoke_api_key(kind, name, time.time())
+        if not revoked:
+            _fail(f"{kind} {name!r} has no active key")
+        typer.echo(f"revoked the {kind} key of {name!r}")
 
 
-@renter_app.command("list")
-def renter_list(
-    config: ConfigOption = Path(DEFAULT_CONFIG_PATH), as_json: JsonOption = False
-) -> None:
-    """Renters and when their keys were created or revoked."""
-    _list_keys("renter", config, as_json)
-
-
-@renter_app.command("revoke")
-def renter_revoke(name: NameArgument, config: ConfigOption = Path(DEFAULT_CONFIG_PATH)) -> None:
-    """Revoke a renter's key (its leases run on until they end)."""
-    _revoke_key("renter", name, config)
-
-
-@validator_app.command("add")
-def validator_add(name: NameArgument, config: ConfigOption = Path(DEFAULT_CONFIG_PATH)) -> None:
-    """Issue a validator API key (printed once)."""
-    _add_key("validator", name, config)
-
-
-@validator_app.command("list")
-def validator_list(
-    config: ConfigOption = Path(DEFAULT_CONFIG_PATH), as_json: JsonOption = False
-) -> None:
-    """Validator keys and when they were created or revoked."""
-    _list_keys("validator", config, as_json)
-
-
-@validator_app.command("revoke")
-def validator_revoke(name: NameArgument, config: ConfigOption = Path(DEFAULT_CONFIG_PATH)) -> None:
-    """Revoke a validator's key."""
-    _revoke_key("validator", name, config)
+_key_commands(renter_app, "renter", " (its leases run on until they end)")
+_key_commands(validator_app, "validator")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -291,13 +264,8 @@ def worker_list(
     config: ConfigOption = Path(DEFAULT_CONFIG_PATH), as_json: JsonOption = False
 ) -> None:
     """Enrolled workers, their miners and revocations."""
-    store = _store(_config(config))
-    try:
+    with _opened(_config(config)) as store:
         rows = store.workers()
-    except StoreError as exc:
-        _fail(str(exc))
-    finally:
-        store.close()
     if as_json:
         shown = [
             {
@@ -327,16 +295,9 @@ def worker_revoke(
     fail, and it cannot enroll again."""
     if not _WORKER_ID.match(worker_id):
         _fail(f"{worker_id!r} is not a worker id (32 lowercase hex digits)", EXIT_USAGE)
-    store = _store(_config(config))
-    try:
+    with _opened(_config(config)) as store:
         known = store.worker(worker_id)
-        revoked = known is not None and store.revoke_worker(
-            worker_id, datetime.datetime.now().timestamp()
-        )
-    except StoreError as exc:
-        _fail(str(exc))
-    finally:
-        store.close()
+        revoked = known is not None and store.revoke_worker(worker_id, time.time())
     if known is None:
         _fail(f"worker {worker_id} is not enrolled")
     if not revoked:

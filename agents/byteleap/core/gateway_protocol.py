@@ -40,9 +40,7 @@ from __future__ import annotations
 import base64
 import binascii
 import enum
-import functools
 import hashlib
-import operator
 import re
 from typing import Annotated, Any, Final, Literal
 
@@ -53,7 +51,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from msgspec import Meta
 
 from .lease import MAX_LEASE_DEVICES, GatewayId, LeaseId
-from .wire import AgentVersion, DeviceUuid, Hotkey, WorkerId
+from .wire import AgentVersion, DeviceUuid, FrameCodec, Hotkey, WireError, WorkerId
 
 __all__ = [
     "DOWN",
@@ -346,26 +344,13 @@ _MESSAGES: Final[dict[Direction, tuple[type[Message], ...]]] = {
     UP: (Hello, Heartbeat, LeaseStarted, LeaseFailed, LeaseStopped, RenewCert, Pong, Error),
     DOWN: (Welcome, StartLease, ExtendLease, StopLease, CertRenewed, Ping, Error),
 }
-_LIMITS: Final = {UP: MAX_UP_BYTES, DOWN: MAX_DOWN_BYTES}
-
-
-def _envelope(types: tuple[type[Message], ...]) -> Any:
-    union = functools.reduce(operator.or_, types)
-    return msgspec.defstruct(
-        "Envelope", [("v", int), ("id", FrameId), ("msg", union)], forbid_unknown_fields=True
-    )
-
-
-_DECODERS: Final = {d: msgspec.msgpack.Decoder(_envelope(t)) for d, t in _MESSAGES.items()}
+_CODEC: Final = FrameCodec(
+    PROTOCOL_VERSION,
+    _MESSAGES,
+    {UP: MAX_UP_BYTES, DOWN: MAX_DOWN_BYTES},
+    describe=lambda direction: direction.value,
+)
 _ENCODER: Final = msgspec.msgpack.Encoder()
-
-
-class _Probe(msgspec.Struct):
-    v: int = -1
-    id: int = 0
-
-
-_PROBE: Final = msgspec.msgpack.Decoder(_Probe)
 
 
 class ProtocolError(Exception):
@@ -388,44 +373,16 @@ def encode(frame: Frame) -> bytes:
 
 
 def decode(direction: Direction, data: bytes | bytearray | memoryview) -> Frame:
-    """One frame travelling in ``direction``; :class:`ProtocolError` for anything else."""
-    size = len(memoryview(data))
-    limit = _LIMITS[direction]
-    if size > limit:
-        raise ProtocolError(
-            ErrorCode.FRAME_TOO_LARGE, f"frame of {size} bytes exceeds the {limit}-byte limit"
-        )
+    """One frame travelling in ``direction``; :class:`ProtocolError` for anything else.
+
+    The worker links' codec (:class:`~byteleap.core.wire.FrameCodec`) does the work; its framing
+    codes are the same numbers here.
+    """
     try:
-        envelope = _DECODERS[direction].decode(data)
-    except Exception as exc:  # any failure of an untrusted frame is a ProtocolError
-        ref, version = _probe(data)
-        if version is not None and version != PROTOCOL_VERSION:
-            raise _version_error(version, ref) from None
-        code = ErrorCode.BAD_FRAME
-        text = str(exc)
-        if "Invalid value" in text and "$.msg.type" in text:
-            code = ErrorCode.UNKNOWN_MESSAGE
-        raise ProtocolError(code, f"invalid frame: {text}", ref=ref) from None
-    if envelope.v != PROTOCOL_VERSION:
-        raise _version_error(envelope.v, envelope.id)
-    return Frame(v=envelope.v, id=envelope.id, msg=envelope.msg)
-
-
-def _probe(data: bytes | bytearray | memoryview) -> tuple[int, int | None]:
-    try:
-        probe = _PROBE.decode(data)
-    except Exception:  # garbage: the strict decoder's error stands
-        return 0, None
-    ref = probe.id if 0 <= probe.id <= _I63 else 0
-    return ref, probe.v
-
-
-def _version_error(version: int, ref: int) -> ProtocolError:
-    return ProtocolError(
-        ErrorCode.UNSUPPORTED_VERSION,
-        f"protocol version {version} is not supported (this gateway speaks {PROTOCOL_VERSION})",
-        ref=ref,
-    )
+        frame_id, msg = _CODEC.decode(direction, data)
+    except WireError as exc:
+        raise ProtocolError(ErrorCode(exc.code), exc.message, ref=exc.ref) from None
+    return Frame(id=frame_id, msg=msg)
 
 
 # --------------------------------------------------------------------------------------------

@@ -66,8 +66,8 @@ from __future__ import annotations
 import enum
 import functools
 import operator
-from collections.abc import Iterable
-from typing import Annotated, Any, Final
+from collections.abc import Callable, Iterable, Mapping
+from typing import Annotated, Any, Final, Generic, TypeVar
 
 import msgspec
 from msgspec import Meta
@@ -117,6 +117,7 @@ __all__ = [
     "Error",
     "ErrorCode",
     "Frame",
+    "FrameCodec",
     "GatewayEnrollGrant",
     "GatewayEnrollRequest",
     "GatewayGrant",
@@ -694,6 +695,7 @@ class Direction(enum.Enum):
 
 
 _Route = tuple[Link, Direction]
+_R = TypeVar("_R")
 
 _MESSAGES: Final[dict[_Route, tuple[type[Message], ...]]] = {
     (Link.WORKER_MINER, Direction.UP): (
@@ -746,19 +748,13 @@ _LIMITS: Final[dict[_Route, int]] = {
 }
 
 
-def _tag(cls: type[Message]) -> str:
+def _tag(cls: type[msgspec.Struct]) -> str:
     tag = cls.__struct_config__.tag
     assert isinstance(tag, str)
     return tag
 
 
-_TAGS: Final[dict[_Route, frozenset[str]]] = {
-    route: frozenset(_tag(cls) for cls in types) for route, types in _MESSAGES.items()
-}
-_ALL_TAGS: Final = frozenset(tag for tags in _TAGS.values() for tag in tags)
-
-
-def _envelope_type(types: tuple[type[Message], ...]) -> Any:
+def _envelope_type(types: tuple[type[msgspec.Struct], ...]) -> Any:
     union = functools.reduce(operator.or_, types)
     return msgspec.defstruct(
         "Envelope",
@@ -768,9 +764,6 @@ def _envelope_type(types: tuple[type[Message], ...]) -> Any:
     )
 
 
-_DECODERS: Final[dict[_Route, msgspec.msgpack.Decoder[Any]]] = {
-    route: msgspec.msgpack.Decoder(_envelope_type(types)) for route, types in _MESSAGES.items()
-}
 _ENCODER: Final = msgspec.msgpack.Encoder()
 
 
@@ -841,6 +834,89 @@ class WireError(CodedError):
         self.peer_version = peer_version
 
 
+class FrameCodec(Generic[_R]):
+    """Strict, size-capped decoding of MessagePack ``{v, id, msg}`` frames.
+
+    One union of tagged message structs and one size limit per route (a link and direction).
+    :meth:`decode` raises only :class:`WireError`, with a framing code (``FRAME_TOO_LARGE``,
+    ``UNSUPPORTED_VERSION``, ``UNKNOWN_MESSAGE``, ``BAD_FRAME``) and the refused frame's id when
+    it could be read. The mechanism behind :func:`decode` and the gateway link's
+    (:mod:`byteleap.core.gateway_protocol`); ``describe`` names a route in messages.
+    """
+
+    def __init__(
+        self,
+        version: int,
+        messages: Mapping[_R, tuple[type[msgspec.Struct], ...]],
+        limits: Mapping[_R, int],
+        *,
+        describe: Callable[[_R], str],
+    ) -> None:
+        self.version = version
+        self._limits = dict(limits)
+        self._describe = describe
+        self._decoders: dict[_R, msgspec.msgpack.Decoder[Any]] = {
+            route: msgspec.msgpack.Decoder(_envelope_type(types))
+            for route, types in messages.items()
+        }
+        self._tags = {
+            route: frozenset(_tag(cls) for cls in types) for route, types in messages.items()
+        }
+        self._all_tags = frozenset(tag for tags in self._tags.values() for tag in tags)
+
+    def decode(self, route: _R, data: bytes | bytearray | memoryview) -> tuple[int, Any]:
+        """``(id, msg)`` of one frame travelling on ``route``; :class:`WireError` for anything
+        else."""
+        limit = self._limits[route]
+        try:
+            size = memoryview(data).nbytes
+        except TypeError:
+            raise WireError(ErrorCode.BAD_FRAME, "frame is not bytes") from None
+        if size > limit:
+            raise WireError(
+                ErrorCode.FRAME_TOO_LARGE, f"frame of {size} bytes exceeds the {limit}-byte limit"
+            )
+        try:
+            envelope = self._decoders[route].decode(data)
+        except Exception as exc:  # any failure of an untrusted frame is a WireError
+            raise self._classify(route, data, exc) from None
+        if envelope.v != self.version:
+            raise self._version_error(envelope.v, envelope.id)
+        return envelope.id, envelope.msg
+
+    def _version_error(self, version: int, ref: int) -> WireError:
+        return WireError(
+            ErrorCode.UNSUPPORTED_VERSION,
+            f"protocol version {version} is not supported (this peer speaks {self.version})",
+            ref=ref,
+            peer_version=version,
+        )
+
+    def _classify(
+        self, route: _R, data: bytes | bytearray | memoryview, exc: Exception
+    ) -> WireError:
+        """Turn a failed strict decode into the most specific WireError."""
+        detail = str(exc) or type(exc).__name__
+        try:
+            header = _HEADER_DECODER.decode(data)
+        except Exception:  # garbage of any kind
+            return WireError(ErrorCode.BAD_FRAME, f"malformed frame: {detail}")
+        ref = _probe_int(header.id)
+        if ref is None or not 0 <= ref <= _I63_MAX:
+            ref = 0
+        version = _probe_int(header.v)
+        if version is not None and version != self.version:
+            return self._version_error(version, ref)
+        tag = _probe_tag(header.msg)
+        if tag is not None and tag not in self._tags[route]:
+            if tag in self._all_tags:
+                text = f"message {tag!r} is not accepted on {self._describe(route)}"
+            else:
+                text = f"unknown message type {tag[:64]!r}"
+            return WireError(ErrorCode.UNKNOWN_MESSAGE, text, ref=ref)
+        return WireError(ErrorCode.BAD_FRAME, f"invalid frame: {detail}", ref=ref)
+
+
 def message_types(link: Link, direction: Direction) -> tuple[type[Message], ...]:
     """The message classes accepted on ``link`` in ``direction``."""
     return _MESSAGES[(link, direction)]
@@ -869,38 +945,22 @@ def encode(frame: Frame) -> bytes:
     return _ENCODER.encode(frame)
 
 
+_CODEC: Final[FrameCodec[_Route]] = FrameCodec(
+    PROTOCOL_VERSION,
+    _MESSAGES,
+    _LIMITS,
+    describe=lambda route: f"{route[0].value}/{route[1].value}",
+)
+
+
 def decode(link: Link, direction: Direction, data: bytes | bytearray | memoryview) -> Frame:
     """Decode one frame received on ``link`` travelling in ``direction``.
 
     Raises :class:`WireError` (and nothing else) when the frame is too large, of another
     protocol version, carries a message not allowed here, or is malformed in any way.
     """
-    route = (link, direction)
-    limit = _LIMITS[route]
-    try:
-        size = memoryview(data).nbytes
-    except TypeError:
-        raise WireError(ErrorCode.BAD_FRAME, "frame is not bytes") from None
-    if size > limit:
-        raise WireError(
-            ErrorCode.FRAME_TOO_LARGE, f"frame of {size} bytes exceeds the {limit}-byte limit"
-        )
-    try:
-        envelope = _DECODERS[route].decode(data)
-    except Exception as exc:  # any failure of an untrusted frame is a WireError
-        raise _classify(route, data, exc) from None
-    if envelope.v != PROTOCOL_VERSION:
-        raise _version_error(envelope.v, envelope.id)
-    return Frame(v=envelope.v, id=envelope.id, msg=envelope.msg)
-
-
-def _version_error(version: int, ref: int) -> WireError:
-    return WireError(
-        ErrorCode.UNSUPPORTED_VERSION,
-        f"protocol version {version} is not supported (this peer speaks {PROTOCOL_VERSION})",
-        ref=ref,
-        peer_version=version,
-    )
+    frame_id, msg = _CODEC.decode((link, direction), data)
+    return Frame(id=frame_id, msg=msg)
 
 
 def _probe_int(raw: msgspec.Raw) -> int | None:
@@ -919,28 +979,3 @@ def _probe_tag(raw: msgspec.Raw) -> str | None:
         return _TAG_DECODER.decode(raw).type
     except Exception:  # best effort (bad UTF-8, nesting...); the strict decoder's error stands
         return None
-
-
-def _classify(route: _Route, data: bytes | bytearray | memoryview, exc: Exception) -> WireError:
-    """Turn a failed strict decode into the most specific WireError."""
-    detail = str(exc) or type(exc).__name__
-    try:
-        header = _HEADER_DECODER.decode(data)
-    except Exception:  # garbage of any kind
-        return WireError(ErrorCode.BAD_FRAME, f"malformed frame: {detail}")
-    ref = _probe_int(header.id)
-    if ref is None or not 0 <= ref <= _I63_MAX:
-        ref = 0
-    version = _probe_int(header.v)
-    if version is not None and version != PROTOCOL_VERSION:
-        return _version_error(version, ref)
-    tag = _probe_tag(header.msg)
-    if tag is not None and tag not in _TAGS[route]:
-        link, direction = route
-        where = f"{link.value}/{direction.value}"
-        if tag in _ALL_TAGS:
-            text = f"message {tag!r} is not accepted on {where}"
-        else:
-            text = f"unknown message type {tag[:64]!r}"
-        return WireError(ErrorCode.UNKNOWN_MESSAGE, text, ref=ref)
-    return WireError(ErrorCode.BAD_FRAME, f"invalid frame: {detail}", ref=ref)

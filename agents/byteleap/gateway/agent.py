@@ -36,7 +36,7 @@ from ..core.config import ConfigError, load_config
 from ..core.logs import setup_logging
 from ..core.systemd import Notifier, install_signal_handlers, run_watchdog, watchdog_interval
 from .api import GatewayApi
-from .ca import CaError, GatewayCA, load_or_create_ca
+from .ca import SERVER_CERT_FILE, CaError, GatewayCA, load_or_create_ca
 from .config import DEFAULT_CONFIG_PATH, ENV_PREFIX, GatewayConfig, StoreUrlError
 from .keys import LeaseSigner, SigningKeyError, load_or_create_signing_key
 from .leases import LeaseManager
@@ -180,14 +180,15 @@ class Gateway:
         while True:
             await asyncio.sleep(CERT_CHECK_INTERVAL_S)
             try:
-                before = (self.state_dir / "server.crt").stat().st_mtime_ns
+                server_cert = self.state_dir / SERVER_CERT_FILE
+                before = server_cert.stat().st_mtime_ns
                 await asyncio.to_thread(
                     self.ca.ensure_server_cert,
                     self.state_dir,
                     self.config.public_names,
                     self.config.tls.server_cert_days,
                 )
-                if (self.state_dir / "server.crt").stat().st_mtime_ns != before:
+                if server_cert.stat().st_mtime_ns != before:
                     for context in self._contexts:
                         self.ca.reload_server_cert(context, self.state_dir)
                     log.info("listener certificate re-issued")

@@ -32,12 +32,9 @@ from typing import Final, NoReturn, ParamSpec, TypeVar
 
 import msgspec
 from aiohttp import web
-from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from ..core.gateway_protocol import (
-    ApiError,
     EnrollRequest,
     EnrollResponse,
     ExtendRequest,
@@ -47,13 +44,14 @@ from ..core.gateway_protocol import (
     TokenResponse,
     enroll_proof_message,
 )
-from ..core.identity import PeerIdentity, worker_id_of
+from ..core.identity import IdentityKind, PeerIdentity, worker_id_of
 from ..core.lease import MAX_FEED_PAGE, FeedPage
 from ..core.logs import log_fields
 from .ca import CsrError, GatewayCA, load_csr
 from .config import GatewayConfig
 from .keys import TOKEN_PREFIX, KeyKind, LeaseSigner, new_secret, parse_bearer, secret_hash
-from .leases import LeaseError, LeaseManager, lease_view
+from .leases import LeaseManager, lease_view
+from .listener import ApiFailure, bound_port, json_error, json_response, serve
 from .store import GatewayStore, StoreConflict, StoreError, StoreUnavailable, TokenError
 
 __all__ = ["ApiFailure", "FailureLimiter", "GatewayApi"]
@@ -66,7 +64,6 @@ S = TypeVar("S", bound=msgspec.Struct)
 
 _LEASE_ID: Final = re.compile(r"\A[0-9a-f]{32}\Z")
 _MAX_TRACKED_ADDRESSES: Final = 65536
-_ENCODER: Final = msgspec.json.Encoder()
 _HTTP_CODES: Final = {
     400: "bad_request",
     401: "unauthorized",
@@ -76,16 +73,6 @@ _HTTP_CODES: Final = {
     413: "body_too_large",
     415: "unsupported_media_type",
 }
-
-
-class ApiFailure(Exception):  # noqa: N818 - an answer, not a fault
-    """An error answer: HTTP ``status``, stable ``code``, one-line ``message``."""
-
-    def __init__(self, status: int, code: str, message: str) -> None:
-        super().__init__(message)
-        self.status = status
-        self.code = code
-        self.message = message
 
 
 class FailureLimiter:
@@ -125,19 +112,6 @@ class FailureLimiter:
         self._buckets.move_to_end(address)
         while len(self._buckets) > self._max:
             self._buckets.popitem(last=False)
-
-
-def _json(status: int, body: msgspec.Struct) -> web.Response:
-    return web.Response(
-        status=status,
-        body=_ENCODER.encode(body),
-        content_type="application/json",
-        headers={"Cache-Control": "no-store"},
-    )
-
-
-def _error(status: int, code: str, message: str) -> web.Response:
-    return _json(status, ApiError(error=code, message=message))
 
 
 class GatewayApi:
@@ -180,20 +154,12 @@ class GatewayApi:
     async def start(
         self, ssl_context: ssl.SSLContext, host: str | None = None, port: int | None = None
     ) -> None:
-        self._runner = web.AppRunner(self.app, access_log=None, shutdown_timeout=3.0)
-        await self._runner.setup()
-        site = web.TCPSite(
-            self._runner,
+        self._runner = await serve(
+            self.app,
+            ssl_context,
             host if host is not None else self.config.api.host,
             port if port is not None else self.config.api.port,
-            ssl_context=ssl_context,
         )
-        try:
-            await site.start()
-        except BaseException:
-            await self._runner.cleanup()
-            self._runner = None
-            raise
 
     async def stop(self) -> None:
         if self._runner is not None:
@@ -202,11 +168,7 @@ class GatewayApi:
 
     @property
     def port(self) -> int:
-        assert self._runner is not None
-        for address in self._runner.addresses:
-            if isinstance(address, tuple):
-                return int(address[1])
-        raise RuntimeError("the API listener is not bound")
+        return bound_port(self._runner, "API")
 
     # ------------------------------------------------------------------ plumbing
 
@@ -216,22 +178,20 @@ class GatewayApi:
     ) -> web.StreamResponse:
         try:
             return await handler(request)
-        except ApiFailure as exc:
-            return _error(exc.status, exc.code, exc.message)
-        except LeaseError as exc:
-            return _error(exc.status, exc.code, exc.message)
+        except ApiFailure as exc:  # LeaseError included
+            return json_error(exc.status, exc.code, exc.message)
         except StoreUnavailable as exc:
             log.warning("store unavailable: %s", exc)
-            return _error(503, "store_unavailable", "the gateway's store is unavailable; retry")
+            return json_error(503, "store_unavailable", "the gateway's store is unavailable; retry")
         except StoreError as exc:
             log.error("store error on %s %s: %s", request.method, request.path, exc)
-            return _error(500, "internal", "internal error")
+            return json_error(500, "internal", "internal error")
         except web.HTTPException as exc:
             code = _HTTP_CODES.get(exc.status, "http_error")
-            return _error(exc.status, code, exc.reason)
+            return json_error(exc.status, code, exc.reason)
         except Exception:
             log.exception("request %s %s failed", request.method, request.path)
-            return _error(500, "internal", "internal error")
+            return json_error(500, "internal", "internal error")
 
     async def _db(self, fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
         return await asyncio.to_thread(fn, *args, **kwargs)
@@ -278,6 +238,11 @@ class GatewayApi:
             self._auth_failed(request, 401, "invalid_api_key", f"not a valid {kind} API key")
         return owner
 
+    async def _refuse_revoked(self, worker_id: str) -> None:
+        worker = await self._db(self.store.worker, worker_id)
+        if worker is not None and worker.revoked_at is not None:
+            raise ApiFailure(403, "worker_revoked", f"worker {worker_id} is revoked")
+
     @staticmethod
     def _lease_id(request: web.Request) -> str:
         lease_id = request.match_info["lease_id"]
@@ -294,9 +259,7 @@ class GatewayApi:
             PeerIdentity.from_ss58(body.miner_hotkey)
         except ValueError:
             raise ApiFailure(400, "invalid_hotkey", "miner_hotkey is not an SS58 address") from None
-        worker = await self._db(self.store.worker, body.worker_id)
-        if worker is not None and worker.revoked_at is not None:
-            raise ApiFailure(403, "worker_revoked", f"worker {body.worker_id} is revoked")
+        await self._refuse_revoked(body.worker_id)
         token = new_secret(TOKEN_PREFIX)
         now = self._clock()
         expires_at = now + self.config.tokens.ttl_s
@@ -313,7 +276,7 @@ class GatewayApi:
             "enrollment token issued",
             extra=log_fields(worker_id=body.worker_id, miner=body.miner_hotkey, by=validator),
         )
-        return _json(
+        return json_response(
             201,
             TokenResponse(
                 token=token,
@@ -337,7 +300,7 @@ class GatewayApi:
             records=[entry.signed for entry in entries],
             next_after=entries[-1].seq if entries else after,
         )
-        return _json(200, page)
+        return json_response(200, page)
 
     # ------------------------------------------------------------------ enrollment
 
@@ -366,15 +329,13 @@ class GatewayApi:
         except CsrError as exc:
             raise ApiFailure(400, exc.code, str(exc)) from None
         message = enroll_proof_message(token, csr.public_bytes(serialization.Encoding.DER))
-        try:
-            Ed25519PublicKey.from_public_bytes(body.worker_public_key).verify(body.proof, message)
-        except (InvalidSignature, ValueError):
+        if not PeerIdentity(IdentityKind.ED25519, body.worker_public_key).verify(
+            message, body.proof
+        ):
             self._auth_failed(
                 request, 403, "proof_invalid", "the proof is not the worker key's signature"
             )
-        worker = await self._db(self.store.worker, body.worker_id)
-        if worker is not None and worker.revoked_at is not None:
-            raise ApiFailure(403, "worker_revoked", f"worker {body.worker_id} is revoked")
+        await self._refuse_revoked(body.worker_id)
         try:
             issued = self.ca.issue_worker_cert(
                 csr, body.worker_id, self.config.tls.worker_cert_days
@@ -402,7 +363,7 @@ class GatewayApi:
                 worker_id=body.worker_id, miner=row.miner_hotkey, serial=issued.serial_hex
             ),
         )
-        return _json(
+        return json_response(
             200,
             EnrollResponse(
                 cert_pem=issued.pem,
@@ -416,32 +377,32 @@ class GatewayApi:
 
     async def _gpus(self, request: web.Request) -> web.Response:
         await self._authenticate(request, "renter")
-        return _json(200, self.leases.gpus())
+        return json_response(200, self.leases.gpus())
 
     async def _create(self, request: web.Request) -> web.Response:
         renter = await self._authenticate(request, "renter")
         body = await self._body(request, LeaseRequest)
         lease = await self.leases.create(renter, body)
-        return _json(201, lease_view(lease))
+        return json_response(201, lease_view(lease))
 
     async def _list(self, request: web.Request) -> web.Response:
         renter = await self._authenticate(request, "renter")
         leases = await self.leases.list_leases(renter)
-        return _json(200, LeaseList(leases=[lease_view(lease) for lease in leases]))
+        return json_response(200, LeaseList(leases=[lease_view(lease) for lease in leases]))
 
     async def _get(self, request: web.Request) -> web.Response:
         renter = await self._authenticate(request, "renter")
         lease = await self.leases.get(renter, self._lease_id(request))
-        return _json(200, lease_view(lease))
+        return json_response(200, lease_view(lease))
 
     async def _terminate(self, request: web.Request) -> web.Response:
         renter = await self._authenticate(request, "renter")
         lease = await self.leases.terminate(renter, self._lease_id(request))
-        return _json(200, lease_view(lease))
+        return json_response(200, lease_view(lease))
 
     async def _extend(self, request: web.Request) -> web.Response:
         renter = await self._authenticate(request, "renter")
         lease_id = self._lease_id(request)
         body = await self._body(request, ExtendRequest)
         lease = await self.leases.extend(renter, lease_id, body.duration_s)
-        return _json(200, lease_view(lease))
+        return json_response(200, lease_view(lease))

@@ -34,7 +34,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from ..core.files import PrivateFileError, read_private_file, replace_private_file, write_new_file
-from .config import CA_KEY_CREDENTIAL
+from .config import CA_KEY_CREDENTIAL, key_path
 
 __all__ = [
     "CA_CERT_FILE",
@@ -107,6 +107,21 @@ def _san(names: Sequence[str]) -> list[x509.GeneralName]:
         except ValueError:
             out.append(x509.DNSName(name.rstrip(".").lower()))
     return out
+
+
+def _key_usage(*, ca: bool) -> x509.KeyUsage:
+    """Signatures only; a CA also signs certificates and CRLs."""
+    return x509.KeyUsage(
+        digital_signature=True,
+        content_commitment=False,
+        key_encipherment=False,
+        data_encipherment=False,
+        key_agreement=False,
+        key_cert_sign=ca,
+        crl_sign=ca,
+        encipher_only=False,
+        decipher_only=False,
+    )
 
 
 def _private_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
@@ -194,20 +209,7 @@ class GatewayCA:
             .not_valid_before(now - CLOCK_SKEW)
             .not_valid_after(now + datetime.timedelta(days=CA_DAYS))
             .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-            .add_extension(
-                x509.KeyUsage(
-                    digital_signature=True,
-                    content_commitment=False,
-                    key_encipherment=False,
-                    data_encipherment=False,
-                    key_agreement=False,
-                    key_cert_sign=True,
-                    crl_sign=True,
-                    encipher_only=False,
-                    decipher_only=False,
-                ),
-                critical=True,
-            )
+            .add_extension(_key_usage(ca=True), critical=True)
             .add_extension(x509.SubjectKeyIdentifier.from_public_key(public), critical=False)
             .sign(key, hashes.SHA256())
         )
@@ -238,20 +240,7 @@ class GatewayCA:
             .not_valid_before(not_before)
             .not_valid_after(not_after)
             .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-            .add_extension(
-                x509.KeyUsage(
-                    digital_signature=True,
-                    content_commitment=False,
-                    key_encipherment=False,
-                    data_encipherment=False,
-                    key_agreement=False,
-                    key_cert_sign=False,
-                    crl_sign=False,
-                    encipher_only=False,
-                    decipher_only=False,
-                ),
-                critical=True,
-            )
+            .add_extension(_key_usage(ca=False), critical=True)
             .add_extension(x509.ExtendedKeyUsage([eku]), critical=False)
             .add_extension(x509.SubjectKeyIdentifier.from_public_key(public_key), critical=False)
             .add_extension(
@@ -405,12 +394,7 @@ def _load_cert(path: Path) -> x509.Certificate:
 
 def _key_path(state_dir: Path, environ: Mapping[str, str]) -> tuple[Path, bool]:
     """Where the CA key is, and whether it is a systemd credential (then never created)."""
-    directory = environ.get("CREDENTIALS_DIRECTORY")
-    if directory:
-        candidate = Path(directory) / CA_KEY_CREDENTIAL
-        if candidate.exists() or candidate.is_symlink():
-            return candidate, True
-    return state_dir / CA_KEY_FILE, False
+    return key_path(state_dir, CA_KEY_CREDENTIAL, CA_KEY_FILE, environ)
 
 
 def load_ca(state_dir: Path, environ: Mapping[str, str] | None = None) -> GatewayCA:

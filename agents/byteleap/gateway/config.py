@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import ipaddress
 import re
+from collections.abc import Mapping
+from pathlib import Path
 from typing import Annotated, Final
 
 import msgspec
@@ -38,6 +40,7 @@ __all__ = [
     "TlsSettings",
     "TokenSettings",
     "WorkerListen",
+    "key_path",
     "url_host",
 ]
 
@@ -60,6 +63,20 @@ def _check_name(name: str) -> None:
     labels = name.rstrip(".").split(".")
     if len(name) > 253 or not all(_DNS_LABEL.match(label) for label in labels):
         raise ValueError(f"public_names: {name!r} is neither an IP address nor a DNS name")
+
+
+def key_path(
+    state_dir: Path, credential: str, file_name: str, environ: Mapping[str, str]
+) -> tuple[Path, bool]:
+    """Where a key is, and whether it is the systemd credential ``credential`` (then it is
+    never created): the credential when the unit hands one over (even a dangling link, so
+    that it is refused rather than replaced), else ``state_dir / file_name``."""
+    directory = environ.get("CREDENTIALS_DIRECTORY")
+    if directory:
+        candidate = Path(directory) / credential
+        if candidate.exists() or candidate.is_symlink():
+            return candidate, True
+    return state_dir / file_name, False
 
 
 def url_host(name: str) -> str:

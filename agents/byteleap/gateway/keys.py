@@ -27,7 +27,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from ..core.files import PrivateFileError, read_private_file, write_new_file
 from ..core.lease import LeaseRecord, SignedLeaseRecord, gateway_id_of, sign_record
-from .config import SIGNING_KEY_CREDENTIAL
+from .config import SIGNING_KEY_CREDENTIAL, key_path
 
 __all__ = [
     "KEY_PREFIXES",
@@ -104,12 +104,7 @@ def _parse(data: bytes, path: Path) -> Ed25519PrivateKey:
 
 
 def _signing_key_path(state_dir: Path, environ: Mapping[str, str]) -> Path:
-    directory = environ.get("CREDENTIALS_DIRECTORY")
-    if directory:
-        candidate = Path(directory) / SIGNING_KEY_CREDENTIAL
-        if candidate.exists() or candidate.is_symlink():
-            return candidate
-    return state_dir / SIGNING_KEY_FILE
+    return key_path(state_dir, SIGNING_KEY_CREDENTIAL, SIGNING_KEY_FILE, environ)[0]
 
 
 def load_signing_key(state_dir: Path, environ: Mapping[str, str] | None = None) -> LeaseSigner:

@@ -36,7 +36,7 @@ import asyncio
 import logging
 import secrets
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from typing import Final, ParamSpec, Protocol, TypeVar
 
@@ -69,7 +69,8 @@ from ..core.lease import LeaseRecord, LeaseRecordError, SignedLeaseRecord
 from ..core.logs import log_fields
 from .config import LeaseSettings
 from .keys import LeaseSigner
-from .store import GatewayStore, Lease, RecordMaker, StoreConflict, StoreError, StoreUnavailable
+from .listener import ApiFailure
+from .store import GatewayStore, Lease, RecordMaker, StoreConflict, StoreError
 
 __all__ = ["Counts", "LeaseError", "LeaseManager", "OnlineWorker", "WorkerLink", "lease_view"]
 
@@ -81,14 +82,8 @@ T = TypeVar("T")
 MAX_LISTED_LEASES: Final = 1000
 
 
-class LeaseError(Exception):
+class LeaseError(ApiFailure):
     """A refused renter request: HTTP ``status``, stable ``code``, one-line ``message``."""
-
-    def __init__(self, status: int, code: str, message: str) -> None:
-        super().__init__(message)
-        self.status = status
-        self.code = code
-        self.message = message
 
 
 class WorkerLink(Protocol):
@@ -140,6 +135,13 @@ def lease_view(lease: Lease) -> LeaseView:
 
 def _pci_key(gpu: GpuSlot) -> str:
     return gpu.pci_bus_id.lower()
+
+
+def _stop_strays(link: WorkerLink, leases: Iterable[LeaseHealth]) -> None:
+    """Stop the VMs a worker runs for leases that are not active here."""
+    for health in leases:
+        if health.state in ("starting", "running"):
+            link.send(StopLease(lease_id=health.lease_id, reason="not an active lease"))
 
 
 class LeaseManager:
@@ -215,7 +217,7 @@ class LeaseManager:
             self._active[lease.lease_id] = lease
         else:
             self._active.pop(lease.lease_id, None)
-            if not any(other.worker_id == lease.worker_id for other in self._active.values()):
+            if not self._leases_on(lease.worker_id):
                 self._lost.pop(lease.worker_id, None)
         if seq is not None:
             log.info(
@@ -360,12 +362,7 @@ class LeaseManager:
         return best[2], best[3]
 
     def _held(self, worker_id: str) -> set[str]:
-        return {
-            uuid
-            for lease in self._active.values()
-            if lease.worker_id == worker_id
-            for uuid in lease.device_uuids
-        }
+        return {uuid for lease in self._leases_on(worker_id) for uuid in lease.device_uuids}
 
     def _free_gpus(self, worker: OnlineWorker) -> list[GpuSlot]:
         held = self._held(worker.link.worker_id)
@@ -470,9 +467,7 @@ class LeaseManager:
             for lease in self._leases_on(worker_id):
                 health = held.pop(lease.lease_id, None)
                 await self._guard(self._reconcile(lease, health), lease)
-            for health in held.values():
-                if health.state in ("starting", "running"):
-                    link.send(StopLease(lease_id=health.lease_id, reason="not an active lease"))
+            _stop_strays(link, held.values())
 
     async def _reconcile(self, lease: Lease, health: LeaseHealth | None) -> None:
         if lease.state == "running":
@@ -512,7 +507,7 @@ class LeaseManager:
             if current is None or current.link is not link:
                 return  # a newer session took its place
             del self._workers[worker_id]
-            if any(lease.worker_id == worker_id for lease in self._active.values()):
+            if self._leases_on(worker_id):
                 self._lost[worker_id] = self._clock()
 
     async def worker_revoked(self, worker_id: str) -> None:
@@ -551,9 +546,7 @@ class LeaseManager:
                     await self._guard(
                         self._finish(lease, "failed", "worker_lost_lease", detail), lease
                     )
-            for health in reported.values():
-                if health.state in ("starting", "running"):
-                    link.send(StopLease(lease_id=health.lease_id, reason="not an active lease"))
+            _stop_strays(link, reported.values())
 
     async def lease_started(self, link: WorkerLink, started: LeaseStarted) -> None:
         async with self._lock:
@@ -644,7 +637,7 @@ class LeaseManager:
         while True:
             try:
                 await self.tick()
-            except (StoreUnavailable, StoreError) as exc:
+            except StoreError as exc:  # StoreUnavailable included
                 log.error("lease tick failed: %s", exc)
             except Exception:
                 log.exception("lease tick failed")

@@ -36,17 +36,13 @@ import time
 from collections.abc import Callable
 from typing import Any, Final
 
-import msgspec
 from aiohttp import WSMsgType, web
-from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from ..core.channel import CloseCode, RateLimiter
 from ..core.gateway_protocol import (
     MAX_UP_BYTES,
     UP,
-    ApiError,
     CertRenewed,
     Error,
     ErrorCode,
@@ -65,10 +61,12 @@ from ..core.gateway_protocol import (
     encode,
     renew_proof_message,
 )
+from ..core.identity import IdentityKind, PeerIdentity
 from ..core.logs import log_fields
 from .ca import CsrError, GatewayCA, certificate_identity, load_csr
 from .config import GatewayConfig
 from .leases import LeaseManager
+from .listener import bound_port, json_error, serve
 from .store import GatewayStore, StoreConflict, StoreError, WorkerRow
 
 __all__ = ["RENEW_MIN_INTERVAL_S", "WorkerHub", "WorkerSession"]
@@ -82,7 +80,6 @@ _CLOSE_FOR: Final = {
     ErrorCode.RATE_LIMITED: CloseCode.RATE_LIMITED,
     ErrorCode.FRAME_TOO_LARGE: CloseCode.FRAME_TOO_LARGE,
 }
-_JSON_ERROR: Final = msgspec.json.Encoder()
 
 
 class WorkerSession:
@@ -183,14 +180,6 @@ class WorkerSession:
         return log_fields(worker_id=self.worker_id)
 
 
-def _json_error(status: int, code: str, message: str) -> web.Response:
-    return web.Response(
-        status=status,
-        body=_JSON_ERROR.encode(ApiError(error=code, message=message)),
-        content_type="application/json",
-    )
-
-
 class WorkerHub:
     """The worker listener, its sessions and its watcher."""
 
@@ -227,20 +216,12 @@ class WorkerHub:
     ) -> None:
         if ssl_context.verify_mode != ssl.CERT_REQUIRED:
             raise ValueError("the worker listener requires client certificates")
-        self._runner = web.AppRunner(self.app, access_log=None, shutdown_timeout=3.0)
-        await self._runner.setup()
-        site = web.TCPSite(
-            self._runner,
+        self._runner = await serve(
+            self.app,
+            ssl_context,
             host if host is not None else self.listen.host,
             port if port is not None else self.listen.port,
-            ssl_context=ssl_context,
         )
-        try:
-            await site.start()
-        except BaseException:
-            await self._runner.cleanup()
-            self._runner = None
-            raise
         self._watcher = asyncio.create_task(self._watch(), name="gateway-session-watcher")
 
     async def stop(self) -> None:
@@ -260,11 +241,7 @@ class WorkerHub:
 
     @property
     def port(self) -> int:
-        assert self._runner is not None
-        for address in self._runner.addresses:
-            if isinstance(address, tuple):
-                return int(address[1])
-        raise RuntimeError("the worker listener is not bound")
+        return bound_port(self._runner, "worker")
 
     # ------------------------------------------------------------------ watcher
 
@@ -306,9 +283,9 @@ class WorkerHub:
 
     async def _handle(self, request: web.Request) -> web.StreamResponse:
         if self._stopping:
-            return _json_error(503, "shutting_down", "gateway shutting down")
+            return json_error(503, "shutting_down", "gateway shutting down")
         if self._open >= self.listen.max_connections:
-            return _json_error(503, "capacity_reached", "too many worker connections; retry")
+            return json_error(503, "capacity_reached", "too many worker connections; retry")
         self._open += 1
         try:
             return await self._serve(request)
@@ -320,7 +297,7 @@ class WorkerHub:
         ssl_object = None if transport is None else transport.get_extra_info("ssl_object")
         der = None if ssl_object is None else ssl_object.getpeercert(binary_form=True)
         if not der:  # pragma: no cover - CERT_REQUIRED makes TLS refuse this first
-            return _json_error(401, "certificate_required", "a client certificate is required")
+            return json_error(401, "certificate_required", "a client certificate is required")
         worker_id, serial, not_after = certificate_identity(der)
         why = await asyncio.to_thread(self.store.session_allowed, worker_id, serial)
         worker = None if why else await asyncio.to_thread(self.store.worker, worker_id)
@@ -331,7 +308,7 @@ class WorkerHub:
                 extra=log_fields(worker_id=worker_id or None, serial=serial, peer=request.remote),
             )
             code = "worker_revoked" if why == "worker revoked" else "certificate_refused"
-            return _json_error(403, code, why or "worker unknown")
+            return json_error(403, code, why or "worker unknown")
         return worker, serial, not_after
 
     async def _serve(self, request: web.Request) -> web.StreamResponse:
@@ -339,7 +316,7 @@ class WorkerHub:
             identity = await self._identify(request)
         except StoreError as exc:
             log.error("cannot check a worker certificate: %s", exc)
-            return _json_error(503, "store_unavailable", "the gateway's store is unavailable")
+            return json_error(503, "store_unavailable", "the gateway's store is unavailable")
         if isinstance(identity, web.Response):
             return identity
         worker, serial, not_after = identity
@@ -497,9 +474,9 @@ class WorkerHub:
         message = renew_proof_message(
             session.session_id, csr.public_bytes(serialization.Encoding.DER)
         )
-        try:
-            Ed25519PublicKey.from_public_bytes(session.public_key).verify(request.proof, message)
-        except (InvalidSignature, ValueError):
+        if not PeerIdentity(IdentityKind.ED25519, session.public_key).verify(
+            message, request.proof
+        ):
             refuse(ErrorCode.PROOF_INVALID, "the proof is not the worker key's signature")
             return
         try:

@@ -25,10 +25,9 @@ Errors: :class:`StoreUnavailable` (retry: PostgreSQL restarting, SQLite busy) or
 
 from __future__ import annotations
 
-import contextlib
 import math
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, Final, Literal
 
 import msgspec
@@ -177,6 +176,16 @@ _MUTABLE: Final = (
     "ssh_user",
     "end_reason",
     "message",
+)
+_COLUMN_NAMES: Final = tuple(column.strip() for column in _LEASE_COLUMNS.split(","))
+_MUTABLE_INDEXES: Final = tuple(_COLUMN_NAMES.index(column) for column in _MUTABLE)
+_INSERT_LEASE: Final = (
+    f"INSERT INTO leases ({_LEASE_COLUMNS})"  # noqa: S608 - constants
+    f" VALUES ({', '.join('?' for _ in _COLUMN_NAMES)})"
+)
+_UPDATE_LEASE: Final = (
+    f"UPDATE leases SET {', '.join(f'{column} = ?' for column in _MUTABLE)}"  # noqa: S608
+    " WHERE lease_id = ? AND state = ?"
 )
 _DEVICES: Final = msgspec.json.Decoder(tuple[str, ...])
 _JSON: Final = msgspec.json.Encoder()
@@ -556,11 +565,7 @@ class GatewayStore(SqlStoreBase):
 
     def insert_lease(self, lease: Lease) -> None:
         with self._transaction(write=True) as tx:
-            marks = ", ".join(["?"] * len(_LEASE_COLUMNS.split(",")))
-            tx.execute(
-                f"INSERT INTO leases ({_LEASE_COLUMNS}) VALUES ({marks})",  # noqa: S608 - constants
-                _lease_params(lease),
-            )
+            tx.execute(_INSERT_LEASE, _lease_params(lease))
 
     def update_lease(
         self, lease: Lease, *, expect: LeaseState, record: RecordMaker | None = None
@@ -568,13 +573,10 @@ class GatewayStore(SqlStoreBase):
         """Write ``lease``'s mutable fields if the stored lease is still in state ``expect``
         (else :class:`StoreConflict`); with ``record``, append the record it signs under the
         next feed sequence number. Returns that number, or None without a record."""
-        assignments = ", ".join(f"{column} = ?" for column in _MUTABLE)
         params = _lease_params(lease)
-        by_name = dict(zip((c.strip() for c in _LEASE_COLUMNS.split(",")), params, strict=True))
         with self._transaction(write=True) as tx:
             count = tx.execute(
-                f"UPDATE leases SET {assignments} WHERE lease_id = ? AND state = ?",  # noqa: S608
-                (*(by_name[c] for c in _MUTABLE), lease.lease_id, expect),
+                _UPDATE_LEASE, (*(params[i] for i in _MUTABLE_INDEXES), lease.lease_id, expect)
             )
             if count != 1:
                 raise StoreConflict(f"lease {lease.lease_id} is no longer {expect}")
@@ -685,13 +687,3 @@ def open_store(url: str, *, timeout_s: float = DEFAULT_TIMEOUT_S) -> GatewayStor
     raise StoreError(
         f"unsupported store URL {redact_url(url)!r}: use sqlite:///path or postgresql://"
     )
-
-
-@contextlib.contextmanager
-def opened(url: str, *, timeout_s: float = DEFAULT_TIMEOUT_S) -> Iterator[GatewayStore]:
-    """:func:`open_store`, closed when the block ends."""
-    store = open_store(url, timeout_s=timeout_s)
-    try:
-        yield store
-    finally:
-        store.close()

@@ -16,31 +16,18 @@ from typing import Any, TypeVar
 
 import aiohttp
 import msgspec
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 
 from byteleap.core import gateway_protocol as p
 from byteleap.core.identity import WorkerKey
 from byteleap.gateway.ca import client_tls_context
+from tests.support.gateway_fixtures import make_csr
 
 M = TypeVar("M", bound=p.Message)
 
 WAIT = 10.0
 CAPACITY = p.Capacity(vcpus=64, memory_mib=512 * 1024, disk_gib=4096)
-
-
-def make_csr(key: ec.EllipticCurvePrivateKey, common_name: str) -> tuple[str, bytes]:
-    csr = (
-        x509.CertificateSigningRequestBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)]))
-        .sign(key, hashes.SHA256())
-    )
-    return (
-        csr.public_bytes(serialization.Encoding.PEM).decode(),
-        csr.public_bytes(serialization.Encoding.DER),
-    )
 
 
 def gpu(index: int, state: p.GpuState = "idle", worker: int = 0) -> p.GpuSlot:

@@ -16,31 +16,20 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import aiohttp
 import msgspec
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from byteleap.core import wire
 from byteleap.core.challenge.prover import NumpyBackend
 from byteleap.core.identity import WorkerKey
-from byteleap.gateway.agent import Gateway, prepare_keys
-from byteleap.gateway.ca import client_tls_context
-from byteleap.gateway.config import (
-    ApiListen,
-    GatewayConfig,
-    LeaseSettings,
-    StoreSettings,
-    WorkerListen,
-)
-from byteleap.gateway.keys import KEY_PREFIXES, new_secret, secret_hash
-from byteleap.gateway.store import open_store
+from byteleap.gateway.config import LeaseSettings
 from byteleap.worker import gateway_enroll
 from byteleap.worker.challenges import ChallengeRunner, Device
 from byteleap.worker.gateway_enroll import CERT_FILE, GATEWAY_DIR, GatewayEnrollment
@@ -48,8 +37,9 @@ from byteleap.worker.gateway_link import GatewayLink, GatewayLinkSettings, Gatew
 from byteleap.worker.vm.config import VmSettings
 from byteleap.worker.vm.domain import PciAddress
 from byteleap.worker.vm.manager import LeaseVmManager
-from tests.integration.gateway.conftest import MINER, SSH_KEY, Clock
-from tests.support.fixtures import free_port
+from tests.support.gateway_fixtures import SSH_KEY, RunningGateway
+from tests.support.gateway_fixtures import make_csr as make_csr
+from tests.support.gateway_fixtures import running_gateway as start_gateway
 from tests.support.libvirt_fixtures import (
     GPU_WITH_AUDIO,
     FakeGpuBinder,
@@ -97,18 +87,6 @@ def certificate_serial(state_dir: Path) -> str:
     return f"{x509.load_pem_x509_certificate(pem).serial_number:x}"
 
 
-def make_csr(key: ec.EllipticCurvePrivateKey, common_name: str) -> tuple[str, bytes]:
-    csr = (
-        x509.CertificateSigningRequestBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(x509.NameOID.COMMON_NAME, common_name)]))
-        .sign(key, hashes.SHA256())
-    )
-    return (
-        csr.public_bytes(serialization.Encoding.PEM).decode(),
-        csr.public_bytes(serialization.Encoding.DER),
-    )
-
-
 def private_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
     return key.private_bytes(
         serialization.Encoding.PEM,
@@ -122,37 +100,20 @@ def private_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
 
 
 @dataclass
-class GatewaySide:
-    gateway: Gateway
-    clock: Clock
-    validator_key: str
-    renter_key: str
-    http: aiohttp.ClientSession
-
+class GatewaySide(RunningGateway):
     @property
-    def api(self) -> str:
-        return self.gateway.config.api_url
+    def renter_key(self) -> str:
+        return self.renters["alice"]
 
     async def call(
         self, method: str, path: str, key: str | None = None, body: Any = None
     ) -> tuple[int, Any]:
-        key = self.renter_key if key is None else key
-        data = None if body is None else msgspec.json.encode(body)
-        async with self.http.request(
-            method, self.api + path, data=data, headers={"Authorization": f"Bearer {key}"}
-        ) as response:
-            raw = await response.read()
-            return response.status, msgspec.json.decode(raw) if raw else None
+        """As the renter unless ``key`` names another credential."""
+        return await super().call(method, path, self.renter_key if key is None else key, body)
 
     async def grant(self, key: WorkerKey) -> wire.GatewayEnrollGrant:
         """What the relay brings the worker: a token from the validator's gateway call."""
-        status, token = await self.call(
-            "POST",
-            "/v1/enrollment-tokens",
-            self.validator_key,
-            {"worker_id": key.worker_id, "miner_hotkey": MINER},
-        )
-        assert status == 201, token
+        token = await self.enrollment_token(key.worker_id)
         return wire.GatewayEnrollGrant(
             worker_id=key.worker_id, grant=msgspec.convert(token, wire.GatewayGrant)
         )
@@ -189,8 +150,11 @@ class GatewaySide:
         return listed["workers"]
 
 
-@contextlib.asynccontextmanager
-async def running_gateway(state: Path, **lease_settings: Any) -> AsyncIterator[GatewaySide]:
+def running_gateway(
+    state: Path, **lease_settings: Any
+) -> contextlib.AbstractAsyncContextManager[GatewaySide]:
+    """A gateway with small VM sizes per GPU and a fast heartbeat (``lease_settings``
+    override the :class:`LeaseSettings`)."""
     values: dict[str, Any] = {
         "checkpoint_s": 300,
         "worker_grace_s": 300,
@@ -200,39 +164,9 @@ async def running_gateway(state: Path, **lease_settings: Any) -> AsyncIterator[G
         "disk_gib_per_gpu": 1,
     }
     values.update(lease_settings)
-    url = f"sqlite:///{state / 'gateway.db'}"
-    config = GatewayConfig(
-        state_dir=str(state),
-        public_names=["localhost", "127.0.0.1"],
-        api=ApiListen(host="127.0.0.1", port=free_port()),
-        workers=WorkerListen(
-            host="127.0.0.1",
-            port=free_port(),
-            heartbeat_interval_s=0.3,
-            heartbeat_timeout_s=30,
-            revocation_check_s=0.2,
-        ),
-        leases=LeaseSettings(**values),
-        store=StoreSettings(url=url),
+    return start_gateway(
+        GatewaySide, state, heartbeat_interval_s=0.3, leases=LeaseSettings(**values)
     )
-    ca, signer = prepare_keys(config)
-    store = open_store(url)
-    clock = Clock()
-    gateway = Gateway(config, store, ca, signer, clock=clock)
-    await gateway.start()
-    validator_key = new_secret(KEY_PREFIXES["validator"])
-    store.add_api_key("validator", "val-1", secret_hash(validator_key), clock())
-    renter_key = new_secret(KEY_PREFIXES["renter"])
-    store.add_api_key("renter", "alice", secret_hash(renter_key), clock())
-    http = aiohttp.ClientSession(
-        connector=aiohttp.TCPConnector(ssl=client_tls_context(ca.cert_pem))
-    )
-    try:
-        yield GatewaySide(gateway, clock, validator_key, renter_key, http)
-    finally:
-        await http.close()
-        await gateway.stop()
-        store.close()
 
 
 # --------------------------------------------------------------------------------------------

@@ -14,9 +14,9 @@ from byteleap.gateway.config import LeaseSettings
 from byteleap.gateway.keys import LeaseSigner
 from byteleap.gateway.leases import LeaseError, LeaseManager
 from byteleap.gateway.store import GatewayStore
+from tests.support.gateway_fixtures import MINER, Clock
 
 NOW = 1_800_000_000.0
-MINER = "5FHneW46xGXgs5mUiveU4sbTyGBzmstUspZC92UhjJM694ty"
 SSH = (
     Ed25519PrivateKey.generate()
     .public_key()
@@ -41,14 +41,6 @@ class Link:
 
     def of(self, kind: type[p.Message]) -> list[p.Message]:
         return [m for m in self.sent if isinstance(m, kind)]
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = NOW
-
-    def __call__(self) -> float:
-        return self.now
 
 
 def _slot(i: int) -> p.GpuSlot:
@@ -113,7 +105,7 @@ class Setup:
 def setup(store: GatewayStore) -> Setup:
     signer = LeaseSigner(Ed25519PrivateKey.generate())
     settings = LeaseSettings(worker_grace_s=300, checkpoint_s=300, max_active_per_renter=2)
-    clock = Clock()
+    clock = Clock(NOW)
     for worker_id in ("a" * 32, "b" * 32):
         _enroll(store, worker_id)
     return Setup(store, signer, clock, LeaseManager(store, signer, settings, clock=clock), settings)

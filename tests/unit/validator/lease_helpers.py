@@ -3,18 +3,14 @@ lease tests."""
 
 from __future__ import annotations
 
-import datetime
-import ipaddress
 import secrets
 import ssl
 from pathlib import Path
 
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from byteleap.core.lease import (
     LeaseRecord,
@@ -23,6 +19,7 @@ from byteleap.core.lease import (
     sign_record,
     verify_record,
 )
+from byteleap.gateway.ca import GatewayCA
 from byteleap.validator.store import VerifiedLease
 
 MINER_A = "5GrwvaEF5zXb26Fz9rcQpDWS57CtERHpNehXCPcNoHGKutQY"
@@ -111,70 +108,31 @@ class SigningGateway:
 
 
 class CertAuthority:
-    """A throw-away CA, as a gateway keeps one, issuing its server certificates."""
+    """A throw-away gateway CA (the gateway's own :class:`GatewayCA`) issuing server
+    certificates; ``name`` only labels it in failure output."""
 
     def __init__(self, name: str) -> None:
-        self.key = ec.generate_private_key(ec.SECP256R1())
-        subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
-        now = datetime.datetime.now(datetime.UTC)
-        self.cert = (
-            x509.CertificateBuilder()
-            .subject_name(subject)
-            .issuer_name(subject)
-            .public_key(self.key.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(now - datetime.timedelta(minutes=5))
-            .not_valid_after(now + datetime.timedelta(days=1))
-            .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-            .add_extension(
-                x509.KeyUsage(
-                    digital_signature=True,
-                    content_commitment=False,
-                    key_encipherment=False,
-                    data_encipherment=False,
-                    key_agreement=False,
-                    key_cert_sign=True,
-                    crl_sign=True,
-                    encipher_only=False,
-                    decipher_only=False,
-                ),
-                critical=True,
-            )
-            .sign(self.key, hashes.SHA256())
-        )
+        self.name = name
+        self.ca = GatewayCA.create()
+
+    def __repr__(self) -> str:
+        return f"CertAuthority({self.name!r}, fingerprint={self.ca.fingerprint!r})"
 
     @property
-    def cert_pem(self) -> bytes:
-        return self.cert.public_bytes(serialization.Encoding.PEM)
+    def cert(self) -> x509.Certificate:
+        return self.ca.certificate
 
     def write_ca(self, path: Path) -> Path:
-        path.write_bytes(self.cert_pem)
+        path.write_text(self.ca.cert_pem)
         return path
 
     def server_context(self, directory: Path, host: str = "127.0.0.1") -> ssl.SSLContext:
         """A server TLS context with a certificate for ``host`` (an IP address or a name)."""
-        key = ec.generate_private_key(ec.SECP256R1())
-        try:
-            alt: x509.GeneralName = x509.IPAddress(ipaddress.ip_address(host))
-        except ValueError:
-            alt = x509.DNSName(host)
-        now = datetime.datetime.now(datetime.UTC)
-        cert = (
-            x509.CertificateBuilder()
-            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, host)]))
-            .issuer_name(self.cert.subject)
-            .public_key(key.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(now - datetime.timedelta(minutes=5))
-            .not_valid_after(now + datetime.timedelta(days=1))
-            .add_extension(x509.SubjectAlternativeName([alt]), critical=False)
-            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
-            .sign(self.key, hashes.SHA256())
-        )
+        issued, key = self.ca.issue_server_cert([host], days=1)
         directory.mkdir(parents=True, exist_ok=True)
         cert_path = directory / f"server-{secrets.token_hex(4)}.pem"
         key_path = cert_path.with_suffix(".key")
-        cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+        cert_path.write_text(issued.pem)
         key_path.write_bytes(
             key.private_bytes(
                 serialization.Encoding.PEM,
