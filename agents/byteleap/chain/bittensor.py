@@ -50,7 +50,6 @@ from typing import Any, Final, Protocol, TypeVar
 
 import bittensor as bt
 
-from ..core.identity import PeerIdentity
 from .port import (
     DEFAULT_NETUID,
     U16_MAX,
@@ -64,6 +63,9 @@ from .port import (
     SubnetSnapshot,
     TxOutcome,
     check_endpoint,
+    check_ss58,
+    check_version_key,
+    check_weights_mapping,
 )
 from .weights import quantize_weights
 
@@ -75,7 +77,6 @@ T = TypeVar("T")
 
 _CLOSE_TIMEOUT_S: Final = 5.0
 _TIMEOUTS_BEFORE_RECONNECT: Final = 2
-_MAX_VERSION_KEY: Final = 2**64 - 1
 _RETRY_IN: Final = re.compile(r"retry in ~?\s*(\d+)\s*blocks?", re.IGNORECASE)
 _EXTRINSIC_BLOCK: Final = re.compile(r"^(\d+)-\d+$")
 
@@ -127,24 +128,9 @@ def _check_netuid(netuid: object) -> int:
     return netuid
 
 
-def _check_hotkey(hotkey: object) -> str:
-    if not isinstance(hotkey, str):
-        raise ChainRejected("INVALID_ARGUMENT", f"hotkey must be an SS58 address, got {hotkey!r}")
-    try:
-        PeerIdentity.from_ss58(hotkey)
-    except ValueError:
-        raise ChainRejected(
-            "INVALID_ARGUMENT", f"hotkey {hotkey!r} is not an SS58 address"
-        ) from None
-    return hotkey
-
-
 def _checked_weights(weights: object) -> dict[int, float]:
     """uid -> weight as plain ints and floats, after the same checks the devnet makes."""
-    if not isinstance(weights, Mapping):
-        raise ChainRejected(
-            "INVALID_ARGUMENT", f"weights must be a mapping uid -> weight, got {weights!r}"
-        )
+    weights = check_weights_mapping(weights)
     try:
         quantize_weights(weights, U16_MAX)  # validates uids and values; the SDK clips live
     except ValueError as exc:
@@ -430,7 +416,7 @@ class BittensorChain:
 
     async def uid_of(self, netuid: int, hotkey: str) -> int | None:
         netuid = _check_netuid(netuid)
-        hotkey = _check_hotkey(hotkey)
+        hotkey = check_ss58("hotkey", hotkey)
 
         async def read(client: bt.Client) -> tuple[Any, Any]:
             exists, uid = await asyncio.gather(
@@ -530,15 +516,7 @@ class BittensorChain:
         signer = self._acting("set weights")
         netuid = _check_netuid(netuid)
         wanted = _checked_weights(weights)
-        if (
-            isinstance(version_key, bool)
-            or not isinstance(version_key, int)
-            or not 0 <= version_key <= _MAX_VERSION_KEY
-        ):
-            raise ChainRejected(
-                "INVALID_ARGUMENT",
-                f"version_key must be an unsigned 64-bit integer, got {version_key!r}",
-            )
+        version_key = check_version_key(version_key)
 
         async def weights_wait() -> int:
             client = await self._connected()

@@ -75,6 +75,9 @@ from .port import (
     SubnetSnapshot,
     TxOutcome,
     check_endpoint,
+    check_ss58,
+    check_version_key,
+    check_weights_mapping,
 )
 from .weights import quantize_weights
 
@@ -85,7 +88,6 @@ T = TypeVar("T")
 SCHEMA_VERSION: Final = 1
 DEFAULT_ACTIVITY_CUTOFF: Final = 5000
 _MAX_INT64: Final = 2**63 - 1  # SQLite INTEGER; total TAO supply (2.1e16 rao) is far below
-_MAX_VERSION_KEY: Final = 2**64 - 1
 # Clocks set to exact block boundaries (genesis + k * block_time) can land a hair below k after
 # the float division; this keeps such a clock on block k.
 _BLOCK_ROUNDING: Final = 1e-9
@@ -206,18 +208,6 @@ def _check_int(name: str, value: object, low: int, high: int | None = None) -> i
         bounds = f"{low}..{high}" if high is not None else f">= {low}"
         raise ValueError(f"{name} must be {bounds}, got {value}")
     return value
-
-
-def _check_ss58(what: str, address: object) -> str:
-    if not isinstance(address, str):
-        raise ChainRejected("INVALID_ARGUMENT", f"{what} must be an SS58 address string")
-    try:
-        PeerIdentity.from_ss58(address)
-    except ValueError:
-        raise ChainRejected(
-            "INVALID_ARGUMENT", f"{what} {address!r} is not an SS58 address"
-        ) from None
-    return address
 
 
 def _describe_sqlite_error(exc: sqlite3.Error) -> str:
@@ -580,19 +570,8 @@ class DevnetChain:
         self, netuid: int, weights: Mapping[int, float], version_key: int
     ) -> TxOutcome:
         hotkey = self._acting_hotkey("set weights")
-        if not isinstance(weights, Mapping):
-            raise ChainRejected(
-                "INVALID_ARGUMENT", f"weights must be a mapping uid -> weight, got {weights!r}"
-            )
-        if (
-            isinstance(version_key, bool)
-            or not isinstance(version_key, int)
-            or not 0 <= version_key <= _MAX_VERSION_KEY
-        ):
-            raise ChainRejected(
-                "INVALID_ARGUMENT",
-                f"version_key must be an unsigned 64-bit integer, got {version_key!r}",
-            )
+        check_weights_mapping(weights)
+        check_version_key(version_key)
         with self._transaction(write=True) as (db, head):
             subnet = self._subnet(db, netuid)
             me = self._neuron(db, subnet.netuid, hotkey)
@@ -728,8 +707,8 @@ class DevnetChain:
         ``max_uids`` neurons are registered, ``ALREADY_EXISTS`` for a registered hotkey and
         ``INVALID_ARGUMENT`` for a malformed address or stake.
         """
-        _check_ss58("hotkey", hotkey)
-        owner = hotkey if coldkey is None else _check_ss58("coldkey", coldkey)
+        check_ss58("hotkey", hotkey)
+        owner = hotkey if coldkey is None else check_ss58("coldkey", coldkey)
         stake = self._check_stake(stake_rao)
         with self._transaction(write=True, honour_outage=False) as (db, head):
             subnet = self._subnet(db, netuid)

@@ -17,10 +17,12 @@ from __future__ import annotations
 
 import ipaddress
 from collections.abc import Mapping
-from typing import Annotated, Final, Literal, Protocol
+from typing import Annotated, Any, Final, Literal, Protocol
 
 import msgspec
 from msgspec import Meta
+
+from ..core.identity import PeerIdentity
 
 __all__ = [
     "DEFAULT_NETUID",
@@ -37,12 +39,16 @@ __all__ = [
     "SubnetSnapshot",
     "TxOutcome",
     "check_endpoint",
+    "check_ss58",
+    "check_version_key",
+    "check_weights_mapping",
 ]
 
 DEFAULT_NETUID: Final = 128
 MAX_UIDS: Final = 256
 """UIDs per subnet under Yuma consensus."""
 U16_MAX: Final = 65535
+MAX_VERSION_KEY: Final = 2**64 - 1
 
 Uid = Annotated[int, Meta(ge=0, lt=65536)]
 Block = Annotated[int, Meta(ge=0)]
@@ -97,6 +103,44 @@ def check_endpoint(ip: object, port: object) -> str:
             "INVALID_ARGUMENT", f"endpoint port must be an integer in 1..{U16_MAX}, got {port!r}"
         )
     return str(address)
+
+
+def check_ss58(what: str, address: object) -> str:
+    """``address`` if it is an SS58 address, else :class:`ChainRejected` (``INVALID_ARGUMENT``)
+    naming it as ``what``."""
+    if not isinstance(address, str):
+        raise ChainRejected("INVALID_ARGUMENT", f"{what} must be an SS58 address, got {address!r}")
+    try:
+        PeerIdentity.from_ss58(address)
+    except ValueError:
+        raise ChainRejected(
+            "INVALID_ARGUMENT", f"{what} {address!r} is not an SS58 address"
+        ) from None
+    return address
+
+
+def check_version_key(version_key: object) -> int:
+    """``version_key`` if it is an unsigned 64-bit integer, else :class:`ChainRejected`."""
+    if (
+        isinstance(version_key, bool)
+        or not isinstance(version_key, int)
+        or not 0 <= version_key <= MAX_VERSION_KEY
+    ):
+        raise ChainRejected(
+            "INVALID_ARGUMENT",
+            f"version_key must be an unsigned 64-bit integer, got {version_key!r}",
+        )
+    return version_key
+
+
+def check_weights_mapping(weights: object) -> Mapping[Any, Any]:
+    """``weights`` if it is a mapping (uids and values are checked by ``quantize_weights``),
+    else :class:`ChainRejected`."""
+    if not isinstance(weights, Mapping):
+        raise ChainRejected(
+            "INVALID_ARGUMENT", f"weights must be a mapping uid -> weight, got {weights!r}"
+        )
+    return weights
 
 
 class Endpoint(msgspec.Struct, frozen=True, kw_only=True):

@@ -82,16 +82,12 @@ def _load_key(
 def _chain_config(agent: Agent, path: Path | None) -> tuple[ChainConfig, str]:
     """The ``chain:`` section the agent would use (its file, then its environment overrides)."""
     module = miner_config if agent is Agent.MINER else validator_config
+    schema: type[miner_config.MinerConfig | validator_config.ValidatorConfig] = (
+        miner_config.MinerConfig if agent is Agent.MINER else validator_config.ValidatorConfig
+    )
     config_path = path if path is not None else Path(module.DEFAULT_CONFIG_PATH)
     try:
-        if agent is Agent.MINER:
-            chain = load_config(
-                config_path, miner_config.MinerConfig, env_prefix=module.ENV_PREFIX
-            ).chain
-        else:
-            chain = load_config(
-                config_path, validator_config.ValidatorConfig, env_prefix=module.ENV_PREFIX
-            ).chain
+        chain = load_config(config_path, schema, env_prefix=module.ENV_PREFIX).chain
     except ConfigError as exc:
         hint = "" if path is not None else " (pass --config, or --offline to skip the chain)"
         _fail(f"config: {exc}{hint}", EXIT_NO_KEY)

@@ -7,8 +7,9 @@ An agent's store writes its queries once, with ``?`` parameters, against :class:
 turn driver errors into :class:`StoreUnavailable` (retry) or :class:`StoreError` (do not).
 
 The store URL may hold a password: show it with :func:`redact_url` only, and read it from the
-``store-url`` credential or a 0600 file with :func:`resolve_store_url`, whose errors never show it.
-psycopg is imported only when a PostgreSQL pool is opened, so a SQLite agent never loads it.
+``store-url`` credential or a 0600 file with :meth:`SqlStoreSettings.resolve_url`, whose errors
+never show it. psycopg is imported only when a PostgreSQL pool is opened, so a SQLite agent never
+loads it.
 """
 
 from __future__ import annotations
@@ -51,7 +52,6 @@ __all__ = [
     "Tx",
     "check_store_url",
     "redact_url",
-    "resolve_store_url",
     "sqlite_path",
     "store_scheme",
 ]
@@ -95,37 +95,6 @@ def check_store_url(url: str, where: str) -> None:
         )
 
 
-def resolve_store_url(
-    url: str, url_file: str | None, environ: Mapping[str, str] | None = None
-) -> str:
-    """The URL to open: the ``store-url`` systemd credential, else ``url_file``, else ``url``.
-
-    Raises :class:`StoreUrlError` for a missing, unsafe (group/other readable) or malformed
-    file; the message names the file, never its content.
-    """
-    env = os.environ if environ is None else environ
-    directory = env.get("CREDENTIALS_DIRECTORY")
-    has_credential = bool(directory) and (Path(str(directory)) / STORE_URL_CREDENTIAL).exists()
-    if not has_credential and url_file is None:
-        return url
-    try:
-        path = credential_path(STORE_URL_CREDENTIAL, url_file, env)
-        raw = read_private_file(path, _MAX_STORE_URL_BYTES, what="store URL file")
-    except (CredentialError, PrivateFileError) as exc:
-        raise StoreUrlError(str(exc)) from None
-    try:
-        resolved = raw.decode("utf-8").strip()
-    except UnicodeDecodeError:
-        raise StoreUrlError(f"store URL file {path} is not UTF-8 text") from None
-    if not resolved or any(c.isspace() for c in resolved):
-        raise StoreUrlError(f"store URL file {path} must hold exactly one URL on one line")
-    try:
-        check_store_url(resolved, f"the URL in {path}")
-    except ValueError as exc:
-        raise StoreUrlError(str(exc)) from None
-    return resolved
-
-
 class SqlStoreSettings(ConfigStruct, frozen=True, kw_only=True):
     """An agent's ``store`` section; the agent's subclass gives ``url`` its default."""
 
@@ -143,7 +112,27 @@ class SqlStoreSettings(ConfigStruct, frozen=True, kw_only=True):
         Raises :class:`StoreUrlError` for a missing, unsafe (group/other readable) or malformed
         file; the message names the file, never its content.
         """
-        return resolve_store_url(self.url, self.url_file, environ)
+        env = os.environ if environ is None else environ
+        directory = env.get("CREDENTIALS_DIRECTORY")
+        has_credential = bool(directory) and (Path(str(directory)) / STORE_URL_CREDENTIAL).exists()
+        if not has_credential and self.url_file is None:
+            return self.url
+        try:
+            path = credential_path(STORE_URL_CREDENTIAL, self.url_file, env)
+            raw = read_private_file(path, _MAX_STORE_URL_BYTES, what="store URL file")
+        except (CredentialError, PrivateFileError) as exc:
+            raise StoreUrlError(str(exc)) from None
+        try:
+            resolved = raw.decode("utf-8").strip()
+        except UnicodeDecodeError:
+            raise StoreUrlError(f"store URL file {path} is not UTF-8 text") from None
+        if not resolved or any(c.isspace() for c in resolved):
+            raise StoreUrlError(f"store URL file {path} must hold exactly one URL on one line")
+        try:
+            check_store_url(resolved, f"the URL in {path}")
+        except ValueError as exc:
+            raise StoreUrlError(str(exc)) from None
+        return resolved
 
 
 _PASSWORD_KEYWORD: Final = re.compile(r"(password\s*=\s*)('(?:[^'\\]|\\.)*'|\S*)", re.IGNORECASE)

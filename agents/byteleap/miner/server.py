@@ -540,19 +540,22 @@ class MinerServer:
         """Handle one frame of a registered worker; returns when ``last_seen`` was written."""
         worker_id = link.worker_id
         msg = frame.msg
-        leased_before = link.leased_devices
         if isinstance(msg, wire.Heartbeat):
+            leased_before = link.leased_devices
             link.record_heartbeat(msg)
             if link.last_heartbeat - last_written >= self._last_seen_interval:
                 self.registry.touch(worker_id)
                 last_written = link.last_heartbeat
+            self._leased_changed(link, leased_before)
         elif isinstance(msg, wire.InventoryUpdate):
+            leased_before = link.leased_devices
             link.inventory = msg.inventory
             self.registry.update_inventory(worker_id, msg.inventory)
             log.info(
                 "worker inventory changed",
                 extra=log_fields(worker_id=worker_id, gpus=len(msg.inventory.gpus)),
             )
+            self._leased_changed(link, leased_before)
         elif isinstance(msg, wire.ChallengeCommit | wire.ChallengeReveal | wire.Pong):
             if not link.deliver(frame):
                 log.debug(
@@ -571,14 +574,18 @@ class MinerServer:
             raise _Refused(
                 wire.ErrorCode.UNEXPECTED_MESSAGE, f"{type(msg).__name__} after registration"
             )
+        return last_written
+
+    def _leased_changed(self, link: WorkerLink, before: frozenset[str]) -> None:
+        """Tell the validators when a heartbeat or inventory changed the worker's leased GPUs:
+        they must stop (or resume) challenging them."""
         leased = link.leased_devices
-        if leased != leased_before:  # validators must stop (or resume) challenging them
+        if leased != before:
             log.info(
                 "worker's leased GPUs changed",
-                extra=log_fields(worker_id=worker_id, leased=" ".join(sorted(leased))),
+                extra=log_fields(worker_id=link.worker_id, leased=" ".join(sorted(leased))),
             )
             self._changed()
-        return last_written
 
     def _enroll_refusal(
         self, frame_id: int, busy: bool, limiter: RateLimiter

@@ -246,6 +246,11 @@ class GatewaySettings(ConfigStruct, frozen=True, kw_only=True):
         return f"gateway-{self.name}-key"
 
     @property
+    def api_key_source(self) -> str:
+        """Where the API key is read from, for messages (never the key)."""
+        return self.api_key_file or f"$CREDENTIALS_DIRECTORY/{self.credential_name}"
+
+    @property
     def grace_s(self) -> float:
         """:attr:`lease_grace_s`, or a checkpoint interval plus two poll intervals."""
         if self.lease_grace_s is not None:

@@ -38,12 +38,13 @@ from ..core.gateway_protocol import TokenRequest, TokenResponse
 from ..core.logs import log_fields
 from .config import GatewaySettings
 from .gateway_client import (
-    AnswerTooLarge,
+    TRANSPORT_ERRORS,
     bearer_headers,
     error_detail,
     gateway_client,
     read_bounded,
     shown,
+    transport_failure,
 )
 
 __all__ = [
@@ -173,7 +174,6 @@ class EnrollmentTokens:
         url = access.token_url
         body = msgspec.json.encode(TokenRequest(worker_id=worker_id, miner_hotkey=miner_hotkey))
         headers = {**bearer_headers(access.api_key), "Content-Type": "application/json"}
-        unavailable = wire.ErrorCode.GATEWAY_UNAVAILABLE
         try:
             async with self._client(access).post(
                 url, data=body, headers=headers, allow_redirects=False
@@ -181,24 +181,9 @@ class EnrollmentTokens:
                 if response.status != 201:
                     raise await self._http_refusal(access, response)
                 raw = await read_bounded(response, MAX_TOKEN_ANSWER_BYTES)
-        except _Refused:
-            raise
-        except AnswerTooLarge as exc:
-            raise _Refused(unavailable, f"{url}: {exc}") from None
-        except aiohttp.ClientConnectorCertificateError as exc:
-            raise _Refused(
-                unavailable,
-                f"the certificate of {url} does not verify against ca_file "
-                f"{access.settings.ca_file} ({shown(str(exc.certificate_error))})",
-            ) from None
-        except (aiohttp.ClientSSLError, ssl.SSLError) as exc:
-            raise _Refused(unavailable, f"TLS with {url} failed: {shown(str(exc))}") from None
-        except TimeoutError:
-            raise _Refused(
-                unavailable, f"{url} did not answer within {self._timeout:g} s"
-            ) from None
-        except (aiohttp.ClientError, OSError) as exc:
-            raise _Refused(unavailable, f"cannot reach {url}: {shown(str(exc))}") from None
+        except TRANSPORT_ERRORS as exc:
+            _, message = transport_failure(exc, url, access.settings.ca_file, self._timeout)
+            raise _Refused(wire.ErrorCode.GATEWAY_UNAVAILABLE, message) from None
         return self._grant(access, raw)
 
     async def _http_refusal(
@@ -207,13 +192,10 @@ class EnrollmentTokens:
         status = response.status
         detail = await error_detail(response)
         if status == 401:
-            where = access.settings.api_key_file or (
-                f"$CREDENTIALS_DIRECTORY/{access.settings.credential_name}"
-            )
             return _Refused(
                 wire.ErrorCode.GATEWAY_REFUSED,
                 f"the gateway refused this validator's API key (HTTP {status}{detail}); "
-                f"check the key in {where}",
+                f"check the key in {access.settings.api_key_source}",
             )
         if 300 <= status < 400:
             return _Refused(

@@ -18,6 +18,7 @@ import msgspec
 __all__ = [
     "CONNECT_TIMEOUT_S",
     "MAX_ERROR_BYTES",
+    "TRANSPORT_ERRORS",
     "AnswerTooLarge",
     "bearer_headers",
     "error_detail",
@@ -25,6 +26,7 @@ __all__ = [
     "gateway_ssl_context",
     "read_bounded",
     "shown",
+    "transport_failure",
 ]
 
 MAX_ERROR_BYTES: Final = 4096
@@ -44,6 +46,30 @@ _ERROR_DECODER: Final = msgspec.json.Decoder(_GatewayError)
 
 class AnswerTooLarge(Exception):  # noqa: N818 - a refusal of the peer's answer
     """The gateway's answer is larger than the reader accepts."""
+
+
+TRANSPORT_ERRORS: Final = (AnswerTooLarge, aiohttp.ClientError, OSError)
+"""What one request to a gateway raises short of an HTTP answer (TLS, timeouts included);
+:func:`transport_failure` says what went wrong."""
+
+
+def transport_failure(
+    exc: BaseException, url: str, ca_file: str, timeout_s: float
+) -> tuple[str, str]:
+    """``(kind, message)`` for one of :data:`TRANSPORT_ERRORS` raised by a request to ``url``:
+    ``tls``, ``unreachable`` or ``protocol`` (an answer too large); the message is safe to log."""
+    if isinstance(exc, AnswerTooLarge):
+        return "protocol", f"{url}: {exc}"
+    if isinstance(exc, aiohttp.ClientConnectorCertificateError):
+        return "tls", (
+            f"the certificate of {url} does not verify against ca_file {ca_file} "
+            f"({shown(str(exc.certificate_error))})"
+        )
+    if isinstance(exc, aiohttp.ClientSSLError | ssl.SSLError):
+        return "tls", f"TLS with {url} failed: {shown(str(exc))}"
+    if isinstance(exc, TimeoutError):
+        return "unreachable", f"{url} did not answer within {timeout_s:g} s"
+    return "unreachable", f"cannot reach {url}: {shown(str(exc))}"
 
 
 def gateway_ssl_context(ca_file: str) -> ssl.SSLContext:

@@ -42,13 +42,14 @@ from ..core.logs import log_fields
 from .config import GatewaySettings
 from .db import AsyncStore
 from .gateway_client import (
-    AnswerTooLarge,
+    TRANSPORT_ERRORS,
     bearer_headers,
     error_detail,
     gateway_client,
     gateway_ssl_context,
     read_bounded,
     shown,
+    transport_failure,
 )
 from .store import StoreError, VerifiedLease
 
@@ -93,10 +94,8 @@ def verify_page(
     for signed in page.records:
         try:
             record = verify_record(signed, trusted)
-        except LeaseRecordError as exc:
+        except LeaseRecordError as exc:  # not UTF-8 JSON included
             return taken, f"record after seq {expected - 1} refused: {exc}"
-        except UnicodeDecodeError:  # msgspec's error for bytes that are not UTF-8
-            return taken, f"record after seq {expected - 1} refused: it is not UTF-8 JSON"
         if record.seq != expected:
             if record.seq > expected:
                 what = f"a gap: seq {record.seq} where {expected} was due"
@@ -121,13 +120,6 @@ def leased_devices(
             continue
         out.setdefault((record.miner_hotkey, record.worker_id), set()).update(record.device_uuids)
     return out
-
-
-async def _read_bounded(response: aiohttp.ClientResponse, limit: int) -> bytes:
-    try:
-        return await read_bounded(response, limit)
-    except AnswerTooLarge as exc:
-        raise FeedError("protocol", str(exc)) from None
 
 
 class GatewayFeed:
@@ -284,21 +276,12 @@ class GatewayFeed:
             ) as response:
                 if response.status != 200:
                     raise await self._http_error(response)
-                body = await _read_bounded(response, MAX_PAGE_BYTES)
-        except FeedError:
-            raise
-        except aiohttp.ClientConnectorCertificateError as exc:
-            raise FeedError(
-                "tls",
-                f"the certificate of {url} does not verify against ca_file "
-                f"{self.settings.ca_file} ({shown(str(exc.certificate_error))})",
-            ) from None
-        except (aiohttp.ClientSSLError, ssl.SSLError) as exc:
-            raise FeedError("tls", f"TLS with {url} failed: {shown(str(exc))}") from None
-        except TimeoutError:
-            raise FeedError("unreachable", f"{url} did not answer in time") from None
-        except (aiohttp.ClientError, OSError) as exc:
-            raise FeedError("unreachable", f"cannot reach {url}: {shown(str(exc))}") from None
+                body = await read_bounded(response, MAX_PAGE_BYTES)
+        except TRANSPORT_ERRORS as exc:
+            kind, message = transport_failure(
+                exc, url, self.settings.ca_file, self._request_timeout_s
+            )
+            raise FeedError(kind, message) from None
         try:
             page = _PAGE_DECODER.decode(body)
         except (msgspec.DecodeError, UnicodeDecodeError) as exc:
@@ -315,13 +298,10 @@ class GatewayFeed:
         status = response.status
         detail = await error_detail(response)
         if status in (401, 403):
-            where = self.settings.api_key_file or (
-                f"$CREDENTIALS_DIRECTORY/{self.settings.credential_name}"
-            )
             return FeedError(
                 f"http_{status}",
                 f"the gateway refused the validator's API key (HTTP {status}{detail}); "
-                f"check the key in {where}",
+                f"check the key in {self.settings.api_key_source}",
             )
         if 300 <= status < 400:
             return FeedError(f"http_{status}", f"HTTP {status}: redirects are not followed")

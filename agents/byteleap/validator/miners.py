@@ -913,42 +913,38 @@ class MinerHub:
         self, session: MinerSession, frame_id: int, request: wire.GatewayTokenRequest
     ) -> None:
         """Refuse at once, or start the task that asks the gateway and answers."""
-        refusal: tuple[wire.ErrorCode, str] | None = None
         tokens = self.tokens
         if frame_id == 0:
-            refusal = (wire.ErrorCode.UNEXPECTED_MESSAGE, "a token request needs a frame id")
+            code, message = wire.ErrorCode.UNEXPECTED_MESSAGE, "a token request needs a frame id"
         elif tokens is None or not tokens.configured:
-            refusal = (
-                wire.ErrorCode.NO_GATEWAY,
-                f"validator {self._signer.identity.display} has no gateway configured",
-            )
+            code = wire.ErrorCode.NO_GATEWAY
+            message = f"validator {self._signer.identity.display} has no gateway configured"
         elif len(session.token_tasks) >= TOKEN_REQUESTS_IN_FLIGHT:
-            refusal = (
-                wire.ErrorCode.RATE_LIMITED,
-                f"{TOKEN_REQUESTS_IN_FLIGHT} token requests of this miner are already in flight",
+            code = wire.ErrorCode.RATE_LIMITED
+            message = (
+                f"{TOKEN_REQUESTS_IN_FLIGHT} token requests of this miner are already in flight"
             )
         elif not session.token_limiter.allow():
-            refusal = (
-                wire.ErrorCode.RATE_LIMITED,
-                f"at most {TOKEN_PER_MINUTE:g} token requests per minute (burst {TOKEN_BURST})",
+            code = wire.ErrorCode.RATE_LIMITED
+            message = (
+                f"at most {TOKEN_PER_MINUTE:g} token requests per minute (burst {TOKEN_BURST})"
             )
-        if refusal is not None or tokens is None:
-            code, message = refusal or (wire.ErrorCode.INTERNAL, "no token issuer")
-            log.info(
-                "token request refused: %s",
-                message,
-                extra=log_fields(miner=session.hotkey, worker_id=request.worker_id),
+        else:
+            task = asyncio.create_task(
+                self._issue_token(tokens, session, frame_id, request.worker_id),
+                name=f"validator-token-{session.hotkey[:8]}",
             )
-            await self._answer_token(
-                session, wire.CodedError(code, message).to_error(frame_id), frame_id
-            )
+            session.token_tasks.add(task)
+            task.add_done_callback(session.token_tasks.discard)
             return
-        task = asyncio.create_task(
-            self._issue_token(tokens, session, frame_id, request.worker_id),
-            name=f"validator-token-{session.hotkey[:8]}",
+        log.info(
+            "token request refused: %s",
+            message,
+            extra=log_fields(miner=session.hotkey, worker_id=request.worker_id),
         )
-        session.token_tasks.add(task)
-        task.add_done_callback(session.token_tasks.discard)
+        await self._answer_token(
+            session, wire.CodedError(code, message).to_error(frame_id), frame_id
+        )
 
     async def _issue_token(
         self, tokens: TokenIssuer, session: MinerSession, frame_id: int, worker_id: str

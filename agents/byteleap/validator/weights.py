@@ -25,7 +25,6 @@ from ..chain.port import (
     ChainError,
     ChainPort,
     ChainRejected,
-    ChainUnavailable,
     NotRegistered,
     RateLimited,
     SubnetSnapshot,
@@ -75,6 +74,15 @@ class PendingWeights:
     cycle_id: int
     weights: dict[int, float]
     """uid -> normalised weight."""
+
+
+def _failure_status(exc: ChainError) -> str:
+    """The stored status of a failed submission (other than a rate limit)."""
+    if isinstance(exc, NotRegistered):
+        return "not_registered"
+    if isinstance(exc, ChainRejected):
+        return "rejected"
+    return "unavailable"  # ChainUnavailable, or an unknown domain error: transient
 
 
 class WeightSetter:
@@ -154,17 +162,8 @@ class WeightSetter:
             wait = max(self._retry_min, (exc.retry_in_blocks + 1) * self._block_time)
             await self._failed(pending, "rate_limited", str(exc))
             return wait
-        except ChainUnavailable as exc:
-            await self._failed(pending, "unavailable", str(exc))
-            return self._backoff.next_delay()
-        except NotRegistered as exc:
-            await self._failed(pending, "not_registered", str(exc))
-            return self._backoff.next_delay()
-        except ChainRejected as exc:
-            await self._failed(pending, "rejected", str(exc))
-            return self._backoff.next_delay()
-        except ChainError as exc:  # any other domain error: treat as transient
-            await self._failed(pending, "unavailable", str(exc))
+        except ChainError as exc:  # anything else, unknown errors included: back off and retry
+            await self._failed(pending, _failure_status(exc), str(exc))
             return self._backoff.next_delay()
         record = WeightsRecord(
             at=self._clock(),

@@ -12,6 +12,7 @@ import asyncio
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import pytest
@@ -20,7 +21,7 @@ from byteleap.chain.devnet import DevnetChain
 from byteleap.core import wire
 from byteleap.miner.relay import RelayError
 from byteleap.miner.server import ENROLL_BURST
-from byteleap.miner.uplink import client_session
+from byteleap.miner.uplink import ValidatorUplinks, client_session
 from tests.support.fixtures import WAIT, eventually
 
 from .conftest import FakeWorker, MakeMiner, Miner, alice
@@ -58,10 +59,24 @@ class Source:
         return GRANT
 
 
-async def registered(miner: Miner, http: aiohttp.ClientSession) -> FakeWorker:
+async def miner_and_worker(
+    make_miner: MakeMiner, http: aiohttp.ClientSession, source: Source | None = None
+) -> tuple[Miner, FakeWorker]:
+    """A miner whose token source is ``source`` (None: no validator links), and a registered
+    worker of it."""
+    miner = await make_miner()
+    if source is not None:
+        miner.connections.set_gateway_tokens(source)
     worker = FakeWorker()
     await worker.connect(http, miner.url)
-    return worker
+    return miner, worker
+
+
+async def ask_held(worker: FakeWorker, source: Source, frame_id: int) -> None:
+    """Send a GatewayEnrollRequest that ``source`` (gated) holds; return once it was asked."""
+    assert worker.channel is not None
+    await worker.channel.send(wire.GatewayEnrollRequest(), id=frame_id)
+    await eventually(lambda: len(source.asked) == 1)
 
 
 async def ask(worker: FakeWorker, frame_id: int) -> wire.Message:
@@ -85,10 +100,8 @@ async def answer(worker: FakeWorker, frame_id: int) -> wire.Message:
 async def test_the_grant_is_for_the_sessions_worker(
     make_miner: MakeMiner, http: aiohttp.ClientSession
 ) -> None:
-    miner = await make_miner()
     source = Source()
-    miner.connections.set_gateway_tokens(source)
-    worker = await registered(miner, http)
+    _, worker = await miner_and_worker(make_miner, http, source)
     reply = await ask(worker, 77)
     assert reply == wire.GatewayEnrollGrant(worker_id=worker.worker_id, grant=GRANT)
     assert source.asked == [worker.worker_id]
@@ -97,8 +110,7 @@ async def test_the_grant_is_for_the_sessions_worker(
 async def test_without_validator_links_the_answer_is_no_validator(
     make_miner: MakeMiner, http: aiohttp.ClientSession
 ) -> None:
-    miner = await make_miner()
-    worker = await registered(miner, http)
+    _, worker = await miner_and_worker(make_miner, http)
     reply = await ask(worker, 3)
     assert isinstance(reply, wire.Error)
     assert (reply.code, reply.ref) == (wire.ErrorCode.NO_VALIDATOR, 3)
@@ -107,11 +119,8 @@ async def test_without_validator_links_the_answer_is_no_validator(
 async def test_a_refusal_from_upstream_reaches_the_worker_with_its_code(
     make_miner: MakeMiner, http: aiohttp.ClientSession
 ) -> None:
-    miner = await make_miner()
-    miner.connections.set_gateway_tokens(
-        Source(refuse=RelayError(wire.ErrorCode.NO_GATEWAY, "validator X: no gateway"))
-    )
-    worker = await registered(miner, http)
+    source = Source(refuse=RelayError(wire.ErrorCode.NO_GATEWAY, "validator X: no gateway"))
+    _, worker = await miner_and_worker(make_miner, http, source)
     reply = await ask(worker, 8)
     assert reply == wire.Error(
         code=wire.ErrorCode.NO_GATEWAY, message="validator X: no gateway", ref=8
@@ -121,13 +130,9 @@ async def test_a_refusal_from_upstream_reaches_the_worker_with_its_code(
 async def test_one_request_at_a_time_and_a_few_in_all(
     make_miner: MakeMiner, http: aiohttp.ClientSession
 ) -> None:
-    miner = await make_miner()
     source = Source(gate=asyncio.Event())
-    miner.connections.set_gateway_tokens(source)
-    worker = await registered(miner, http)
-    assert worker.channel is not None
-    await worker.channel.send(wire.GatewayEnrollRequest(), id=1)
-    await eventually(lambda: len(source.asked) == 1)
+    _, worker = await miner_and_worker(make_miner, http, source)
+    await ask_held(worker, source, 1)
     busy = await ask(worker, 2)
     assert isinstance(busy, wire.Error) and busy.code is wire.ErrorCode.RATE_LIMITED
     assert "already in flight" in busy.message
@@ -148,8 +153,7 @@ async def test_no_validator_answers_leave_the_rate_limit_untouched(
     make_miner: MakeMiner, http: aiohttp.ClientSession
 ) -> None:
     # A worker that starts before its miner reaches a validator asks again and again...
-    miner = await make_miner()
-    worker = await registered(miner, http)
+    miner, worker = await miner_and_worker(make_miner, http)
     for frame_id in range(1, 2 * ENROLL_BURST + 2):
         reply = await ask(worker, frame_id)
         assert isinstance(reply, wire.Error) and reply.code is wire.ErrorCode.NO_VALIDATOR
@@ -170,10 +174,8 @@ async def test_no_validator_answers_leave_the_rate_limit_untouched(
 async def test_refusals_from_a_validator_do_use_up_the_rate_limit(
     make_miner: MakeMiner, http: aiohttp.ClientSession
 ) -> None:
-    miner = await make_miner()
     source = Source(refuse=RelayError(wire.ErrorCode.NO_GATEWAY, "validator X: no gateway"))
-    miner.connections.set_gateway_tokens(source)
-    worker = await registered(miner, http)
+    _, worker = await miner_and_worker(make_miner, http, source)
     for frame_id in range(1, 1 + ENROLL_BURST):
         reply = await ask(worker, frame_id)
         assert isinstance(reply, wire.Error) and reply.code is wire.ErrorCode.NO_GATEWAY
@@ -185,13 +187,9 @@ async def test_refusals_from_a_validator_do_use_up_the_rate_limit(
 async def test_a_worker_that_leaves_cancels_its_request(
     make_miner: MakeMiner, http: aiohttp.ClientSession
 ) -> None:
-    miner = await make_miner()
     source = Source(gate=asyncio.Event())
-    miner.connections.set_gateway_tokens(source)
-    worker = await registered(miner, http)
-    assert worker.channel is not None
-    await worker.channel.send(wire.GatewayEnrollRequest(), id=1)
-    await eventually(lambda: len(source.asked) == 1)
+    _, worker = await miner_and_worker(make_miner, http, source)
+    await ask_held(worker, source, 1)
     await worker.close()
     await eventually(lambda: source.cancelled == 1)
 
@@ -217,6 +215,15 @@ async def harness(
             await runner.cleanup()
 
 
+async def connected(harness: Harness, *fakes: FakeValidator, **settings: Any) -> ValidatorUplinks:
+    """The miner's uplinks, started with ``settings``, once every one of ``fakes`` said hello."""
+    uplinks = harness.start(**settings)
+    for fake in fakes:
+        await _hello(fake)
+    await eventually(lambda: uplinks.connected_count == len(fakes))
+    return uplinks
+
+
 async def token_request(fake: FakeValidator, worker_id: str) -> int:
     """The id of the next GatewayTokenRequest ``fake`` receives (for ``worker_id``)."""
     frame = await fake.expect_frame(wire.GatewayTokenRequest, lambda m: m.worker_id == worker_id)
@@ -226,10 +233,7 @@ async def token_request(fake: FakeValidator, worker_id: str) -> int:
 async def test_validators_are_asked_by_stake_until_one_grants(harness: Harness) -> None:
     rich = await harness.validator("//Bob", stake_tao=9000)
     poor = await harness.validator("//Charlie", stake_tao=2000)
-    uplinks = harness.start()
-    await _hello(rich)
-    await _hello(poor)
-    await eventually(lambda: uplinks.connected_count == 2)
+    uplinks = await connected(harness, rich, poor)
     worker = "12" * 16
     pending = asyncio.create_task(uplinks.gateway_token(worker))
     first = await token_request(rich, worker)
@@ -245,10 +249,7 @@ async def test_validators_are_asked_by_stake_until_one_grants(harness: Harness) 
 async def test_every_refusal_is_named_and_the_most_telling_code_wins(harness: Harness) -> None:
     bob = await harness.validator("//Bob", stake_tao=9000)
     charlie = await harness.validator("//Charlie", stake_tao=2000)
-    uplinks = harness.start()
-    await _hello(bob)
-    await _hello(charlie)
-    await eventually(lambda: uplinks.connected_count == 2)
+    uplinks = await connected(harness, bob, charlie)
     worker = "34" * 16
     pending = asyncio.create_task(uplinks.gateway_token(worker))
     frame_id = await token_request(bob, worker)
@@ -268,9 +269,7 @@ async def test_a_silent_validator_times_out_and_a_closing_one_fails_at_once(
     harness: Harness,
 ) -> None:
     bob = await harness.validator("//Bob")
-    uplinks = harness.start(token_timeout_s=0.3)
-    await _hello(bob)
-    await eventually(lambda: uplinks.connected_count == 1)
+    uplinks = await connected(harness, bob, token_timeout_s=0.3)
     worker = "56" * 16
     with pytest.raises(RelayError) as info:
         await uplinks.gateway_token(worker)
@@ -289,9 +288,7 @@ async def test_a_silent_validator_times_out_and_a_closing_one_fails_at_once(
 
 async def test_a_grant_for_another_worker_is_refused(harness: Harness) -> None:
     bob = await harness.validator("//Bob")
-    uplinks = harness.start()
-    await _hello(bob)
-    await eventually(lambda: uplinks.connected_count == 1)
+    uplinks = await connected(harness, bob)
     worker = "78" * 16
     pending = asyncio.create_task(uplinks.gateway_token(worker))
     frame_id = await token_request(bob, worker)

@@ -90,6 +90,13 @@ async def start() -> AsyncIterator[Start]:
         await hub.stop()
 
 
+async def connected(http: aiohttp.ClientSession, url: str, name: str = "miner1") -> Miner:
+    """The scripted miner ``name``, past its hello."""
+    miner = Miner(key(name))
+    await miner.connect(http, url)
+    return miner
+
+
 async def answer(miner: Miner, frame_id: int) -> wire.Message:
     """The next frame answering ``frame_id`` (rosters and pings are skipped)."""
     while True:
@@ -108,13 +115,11 @@ async def test_a_token_is_bound_to_the_hotkey_the_session_proved(
 ) -> None:
     issuer = Issuer()
     _hub, url = await start(issuer)
-    miner = Miner(key("miner1"))
-    await miner.connect(http, url)
+    miner = await connected(http, url)
     reply = await ask(miner, 41)
     assert reply == wire.GatewayTokenGrant(worker_id=WORKER, grant=GRANT)
     assert issuer.calls == [(WORKER, key("miner1").ss58_address)]
-    other = Miner(key("miner2"))
-    await other.connect(http, url)
+    other = await connected(http, url, "miner2")
     assert isinstance(await ask(other, 5, "cd" * 16), wire.GatewayTokenGrant)
     assert issuer.calls[-1] == ("cd" * 16, key("miner2").ss58_address)
 
@@ -124,8 +129,7 @@ async def test_without_a_gateway_the_answer_is_no_gateway_at_once(
     start: Start, http: aiohttp.ClientSession, tokens: Issuer | None
 ) -> None:
     _hub, url = await start(tokens)
-    miner = Miner(key("miner1"))
-    await miner.connect(http, url)
+    miner = await connected(http, url)
     reply = await ask(miner, 9)
     assert isinstance(reply, wire.Error)
     assert (reply.code, reply.ref) == (wire.ErrorCode.NO_GATEWAY, 9)
@@ -138,8 +142,7 @@ async def test_the_issuers_refusal_is_relayed_with_its_code(
 ) -> None:
     refusal = EnrollmentError(wire.ErrorCode.GATEWAY_REFUSED, "gateway market: worker_revoked")
     _hub, url = await start(Issuer(refuse=refusal))
-    miner = Miner(key("miner1"))
-    await miner.connect(http, url)
+    miner = await connected(http, url)
     reply = await ask(miner, 12)
     assert reply == wire.Error(
         code=wire.ErrorCode.GATEWAY_REFUSED, message="gateway market: worker_revoked", ref=12
@@ -151,8 +154,7 @@ async def test_a_request_without_a_frame_id_is_refused(
 ) -> None:
     issuer = Issuer()
     _hub, url = await start(issuer)
-    miner = Miner(key("miner1"))
-    await miner.connect(http, url)
+    miner = await connected(http, url)
     reply = await ask(miner, 0)
     assert isinstance(reply, wire.Error) and reply.code is wire.ErrorCode.UNEXPECTED_MESSAGE
     assert not issuer.calls
@@ -163,8 +165,7 @@ async def test_requests_in_flight_are_capped_per_miner(
 ) -> None:
     issuer = Issuer(gate=asyncio.Event())
     _hub, url = await start(issuer)
-    miner = Miner(key("miner1"))
-    await miner.connect(http, url)
+    miner = await connected(http, url)
     for frame_id in range(1, TOKEN_REQUESTS_IN_FLIGHT + 1):
         await miner.send(wire.GatewayTokenRequest(worker_id=WORKER), id=frame_id)
     await eventually(lambda: len(issuer.calls) == TOKEN_REQUESTS_IN_FLIGHT)
@@ -182,16 +183,14 @@ async def test_a_miner_asking_too_often_is_rate_limited_but_kept(
 ) -> None:
     issuer = Issuer()
     hub, url = await start(issuer)
-    miner = Miner(key("miner1"))
-    await miner.connect(http, url)
+    miner = await connected(http, url)
     for frame_id in range(1, TOKEN_BURST + 1):
         assert isinstance(await ask(miner, frame_id), wire.GatewayTokenGrant)
     over = await ask(miner, 1000)
     assert isinstance(over, wire.Error) and over.code is wire.ErrorCode.RATE_LIMITED
     assert "per minute" in over.message
     assert len(issuer.calls) == TOKEN_BURST
-    other = Miner(key("miner2"))  # its own bucket
-    await other.connect(http, url)
+    other = await connected(http, url, "miner2")  # its own bucket
     assert isinstance(await ask(other, 1), wire.GatewayTokenGrant)
     again = await ask(miner, 1001)  # the over-eager miner is still connected, still refused
     assert isinstance(again, wire.Error) and again.code is wire.ErrorCode.RATE_LIMITED
