@@ -25,6 +25,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.x509.oid import NameOID
 
+from byteleap.core import wire
 from byteleap.gateway.agent import Gateway, prepare_keys
 from byteleap.gateway.ca import client_tls_context
 from byteleap.gateway.config import (
@@ -37,6 +38,16 @@ from byteleap.gateway.config import (
 from byteleap.gateway.keys import KEY_PREFIXES, new_secret, secret_hash
 from byteleap.gateway.store import open_store
 from tests.support.fixtures import free_port
+
+# A grant as the relay carries it (the relay tests never dial its URLs).
+GRANT = wire.GatewayGrant(
+    gateway_id="ab" * 16,
+    token="ble_" + "A" * 43,
+    expires_at=2_000_000_000.0,
+    enroll_url="https://gw.example.org:8443/v1/enroll",
+    ws_url="wss://gw.example.org:8444/v1/worker",
+    ca_pem="-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n",
+)
 
 MINER = "5FHneW46xGXgs5mUiveU4sbTyGBzmstUspZC92UhjJM694ty"
 SSH_KEY = (

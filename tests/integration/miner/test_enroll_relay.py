@@ -23,18 +23,10 @@ from byteleap.miner.relay import RelayError
 from byteleap.miner.server import ENROLL_BURST
 from byteleap.miner.uplink import ValidatorUplinks, client_session
 from tests.support.fixtures import WAIT, eventually
+from tests.support.gateway_fixtures import GRANT
 
 from .conftest import FakeWorker, MakeMiner, Miner, alice
 from .test_uplink import NETUID, CountingChain, FakeValidator, Harness, _hello
-
-GRANT = wire.GatewayGrant(
-    gateway_id="ab" * 16,
-    token="ble_" + "A" * 43,
-    expires_at=2_000_000_000.0,
-    enroll_url="https://gw.example.org:8443/v1/enroll",
-    ws_url="wss://gw.example.org:8444/v1/worker",
-    ca_pem="-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n",
-)
 
 
 @dataclass

@@ -21,17 +21,9 @@ from byteleap.validator.config import MinerListen, MinerPolicy
 from byteleap.validator.enrollment import EnrollmentError
 from byteleap.validator.miners import TOKEN_BURST, TOKEN_REQUESTS_IN_FLIGHT, MinerHub
 from tests.support.fixtures import WAIT, eventually
+from tests.support.gateway_fixtures import GRANT
 
 from .test_miners_server import PATH, WORKER, Miner, key, snapshot, validator
-
-GRANT = wire.GatewayGrant(
-    gateway_id="ab" * 16,
-    token="ble_" + "A" * 43,
-    expires_at=2_000_000_000.0,
-    enroll_url="https://gw.example.org:8443/v1/enroll",
-    ws_url="wss://gw.example.org:8444/v1/worker",
-    ca_pem="-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n",
-)
 
 
 @dataclass

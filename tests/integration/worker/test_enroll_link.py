@@ -17,17 +17,9 @@ from byteleap.core.identity import WorkerKey
 from byteleap.worker.challenges import ChallengeRunner, Device
 from byteleap.worker.link import LinkSettings, MinerRequestError, WorkerLink
 from tests.support.fixtures import WAIT
+from tests.support.gateway_fixtures import GRANT
 
 from .test_link import INVENTORY_A, SECRET, FakeMiner, MinerSession
-
-GRANT = wire.GatewayGrant(
-    gateway_id="ab" * 16,
-    token="ble_" + "A" * 43,
-    expires_at=2_000_000_000.0,
-    enroll_url="https://gw.example.org:8443/v1/enroll",
-    ws_url="wss://gw.example.org:8444/v1/worker",
-    ca_pem="-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n",
-)
 
 
 @pytest.fixture
